@@ -1,0 +1,100 @@
+"""Safe outputs: every file epmq writes appears whole or not at all.
+
+Files are written to a hidden temporary sibling and renamed into place (``os.replace`` is
+atomic on POSIX). Output folders are built under a hidden ``.<name>.partial-<pid>`` sibling
+and renamed when complete, so a run killed half-way never leaves a folder that looks
+finished. Existing outputs are never overwritten unless the caller passes ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epmq.errors import EpmqError
+
+
+def refuse_existing(path: str | Path, force: bool) -> None:
+    """Raise a clear error when ``path`` exists and ``force`` is not given."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise EpmqError(f"output {path} already exists; pass --force to overwrite it")
+
+
+def write_bytes(path: str | Path, data: bytes, *, force: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    refuse_existing(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str, *, force: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def write_json(path: str | Path, data: Any, *, force: bool = True) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", force=force)
+
+
+def save_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    force: bool = True,
+) -> Path:
+    """Save a safetensors file atomically (contiguous copies, shared storage broken)."""
+    from safetensors.torch import save
+
+    payload = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    return write_bytes(path, save(payload, metadata=dict(metadata or {})), force=force)
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Build an output folder atomically.
+
+    Yields a hidden partial folder beside ``path``; on normal exit the partial folder replaces
+    ``path`` (the old one is removed only then, and only with ``force``). On error the partial
+    folder is deleted and ``path`` is left as it was.
+    """
+    path = Path(path)
+    refuse_existing(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    os.replace(partial, path)

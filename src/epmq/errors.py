@@ -1,0 +1,15 @@
+"""The one exception type for user mistakes.
+
+Anything a user can get wrong (a missing file, a bad config field, an unknown method, a tensor
+that does not match) raises :class:`EpmqError` with a message that names the file, field or
+tensor. The command line prints that message on one line and exits with code 2; everything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EpmqError(Exception):
+    """A user-facing error: the message names what is wrong and where."""
+
+    exit_code: int = 2

@@ -1,0 +1,1 @@
+"""epmq.merging"""
