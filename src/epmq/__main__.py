@@ -1,0 +1,5 @@
+"""``python -m epmq`` runs the command line."""
+
+from epmq.cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""The ``epmq`` command line.
+
+One module per sub-command lives in this package (``merge_command.py``, ``demo_command.py``,
+...); each registers itself on :data:`epmq.cli.app.app` with ``@app.command()``. Importing this
+package imports every ``*_command`` module, so adding a command is adding one file.
+
+Sub-commands are thin shells over the Python API. User mistakes raise
+:class:`epmq.errors.EpmqError`; :func:`main` prints them as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+from epmq.cli.app import app
+from epmq.errors import EpmqError
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name.endswith("_command"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        app()
+    except EpmqError as err:
+        print(f"epmq: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+
+
+__all__ = ["app", "main"]
