@@ -1,0 +1,1 @@
+"""Experiments: one config (or a built-in suite) → merges × quantizers × bits → report."""

@@ -1,0 +1,205 @@
+"""Pipeline configs: one YAML file describes a whole post-merge quantization experiment.
+
+The schema is validated by pydantic; every error is reported as one line naming the file and
+the field (``run.yaml: quantization.bits.0: bits must be between 2 and 8``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from epmq.errors import EpmqError
+
+Family = Literal["bert", "clip", "t5", "llama"]
+DataFormat = Literal["csv", "jsonl", "npz", "imagefolder", "hf_disk"]
+Quantizer = Literal["rtn", "gptq", "epmq"]
+XSource = Literal["quantized", "merged", "expert"]
+Target = Literal["expert", "merged"]
+ExportFormat = Literal["compressed-tensors", "gptq", "dequantized"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelSpec(_Strict):
+    """The pretrained model every expert was fine-tuned from (a local Hugging Face folder)."""
+
+    path: Path
+
+
+class ExpertSpec(_Strict):
+    """One fine-tuned expert: a local folder, the task it was trained for, and its head."""
+
+    name: str
+    path: Path
+    task: str
+    head: Path | None = None  # default: <path>/head.safetensors
+
+
+class TaskSpec(_Strict):
+    """One task's labelled data and how much of it calibrates and evaluates."""
+
+    name: str
+    data: Path
+    format: DataFormat
+    text_column: str = "text"
+    label_column: str = "label"
+    classes: list[str] | None = None
+    calib_size: int = Field(128, ge=1)
+    test_size: int | None = Field(None, ge=1)
+
+
+class MergeSpec(_Strict):
+    """One merge method and its parameters (see ``epmq.merging.list_methods``)."""
+
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+
+class QuantizationSpec(_Strict):
+    """The quantizers, grids and E-PMQ settings, crossed with every merge."""
+
+    methods: list[Quantizer] = Field(default_factory=lambda: ["rtn", "gptq", "epmq"])
+    bits: list[int] = Field(default_factory=lambda: [4, 3])
+    group_sizes: list[int] = Field(default_factory=lambda: [-1])
+    symmetric: bool = False
+    act_order: bool = False
+    true_sequential: bool = True
+    percdamp: float = Field(0.01, gt=0)
+    block_size: int = Field(128, ge=1)
+    alpha: float = Field(0.1, ge=0)
+    x_source: XSource = "quantized"
+    target: Target = "expert"
+    alpha_sweep: list[float] = Field(default_factory=list)
+    x_source_study: bool = False
+    evaluate_target: bool = True
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, bits: list[int]) -> list[int]:
+        for b in bits:
+            if not 2 <= b <= 8:
+                raise ValueError(f"bits must be between 2 and 8, got {b}")
+        return bits
+
+    @field_validator("group_sizes")
+    @classmethod
+    def _group_sizes_valid(cls, sizes: list[int]) -> list[int]:
+        for g in sizes:
+            if g != -1 and g < 1:
+                raise ValueError(f"group size must be -1 (per channel) or positive, got {g}")
+        return sizes
+
+    @field_validator("alpha_sweep")
+    @classmethod
+    def _alphas_non_negative(cls, alphas: list[float]) -> list[float]:
+        if any(a < 0 for a in alphas):
+            raise ValueError("alpha values must be >= 0")
+        return alphas
+
+
+class EvaluationSpec(_Strict):
+    batch_size: int = Field(64, ge=1)
+    max_test: int | None = Field(None, ge=1)
+
+
+class OutputSpec(_Strict):
+    dir: Path = Path("runs/experiment")
+    export: list[ExportFormat] = Field(default_factory=list)
+    force: bool = False
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: models and tasks (or a built-in suite), merges, quantizers, outputs."""
+
+    name: str = "experiment"
+    seed: int = 0
+    suite: str | None = None
+    family: Family | None = None
+    base: BaseModelSpec | None = None
+    experts: list[ExpertSpec] = Field(default_factory=list)
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    merges: list[MergeSpec] = Field(
+        default_factory=lambda: [MergeSpec(method="task_arithmetic", params={"scale": 0.3})]
+    )
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _models_and_tasks_agree(self) -> ExperimentConfig:
+        if self.suite is not None:
+            if self.base is not None or self.experts or self.tasks:
+                raise ValueError("give either 'suite' or 'base'/'experts'/'tasks', not both")
+            return self
+        if self.base is None:
+            raise ValueError("'base' is required when no built-in 'suite' is named")
+        if not self.experts:
+            raise ValueError("'experts' must list at least one expert")
+        task_names = [t.name for t in self.tasks]
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"task names must be unique, got {task_names}")
+        for i, expert in enumerate(self.experts):
+            if expert.task not in task_names:
+                raise ValueError(
+                    f"experts.{i}.task: unknown task '{expert.task}' (tasks: {task_names})"
+                )
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a config mapping; errors name ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise EpmqError(f"{source}: expected a mapping of fields at the top level")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise EpmqError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config; relative paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpmqError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise EpmqError(f"{path}: not valid YAML{where}") from None
+    config = parse_config(data, source=str(path))
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else (root / p)
+
+    if config.base is not None:
+        config.base.path = resolve(config.base.path) or config.base.path
+    for expert in config.experts:
+        expert.path = resolve(expert.path) or expert.path
+        expert.head = resolve(expert.head)
+    for task in config.tasks:
+        task.data = resolve(task.data) or task.data
+    config.output.dir = resolve(config.output.dir) or config.output.dir
+    return config

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from epmq.errors import EpmqError
+from epmq.experiment.config import load_config, parse_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_suite_config_gets_defaults() -> None:
+    config = parse_config({"suite": "text8"})
+    assert config.quantization.methods == ["rtn", "gptq", "epmq"]
+    assert config.quantization.bits == [4, 3]
+    assert config.merges[0].method == "task_arithmetic"
+
+
+def test_user_config_resolves_paths_against_the_file(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+base: {path: models/base}
+experts:
+  - {name: a, path: models/a, task: ta}
+tasks:
+  - {name: ta, data: data/a.csv, format: csv}
+output: {dir: out}
+""",
+    )
+    config = load_config(path)
+    assert config.base is not None and config.base.path == tmp_path / "models/base"
+    assert config.experts[0].path == tmp_path / "models/a"
+    assert config.tasks[0].data == tmp_path / "data/a.csv"
+    assert config.output.dir == tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("suite: text8\nquantization: {bits: [9]}\n", "quantization.bits: bits must be between 2"),
+        ("suite: text8\nmerges: [{metod: ties}]\n", "merges.0.method: Field required"),
+        ("suite: text8\nquantization: {x_source: model}\n", "quantization.x_source"),
+        ("base: {path: b}\n", "'experts' must list at least one expert"),
+        (
+            "base: {path: b}\nexperts: [{name: a, path: a, task: nope}]\n",
+            "experts.0.task: unknown task 'nope'",
+        ),
+        ("suite: text8\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("suite: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(EpmqError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(EpmqError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
