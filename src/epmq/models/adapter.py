@@ -1,0 +1,207 @@
+"""The model-adapter protocol: what the calibration engine needs to know about a model family.
+
+The engine (``epmq.calib``) walks a model block by block, the way GPTQ, GPTQModel and
+llm-compressor do:
+
+1. **capture** — run the model on a calibration batch with a forward pre-hook on the first
+   block of a *stage* that records the block's ``(args, kwargs)`` and raises
+   :class:`StopForward` (the GPTQ "Catcher"). Everything the block needs — the extended
+   attention mask (BERT), rotary ``position_embeddings`` and the causal mask (Llama), the
+   final encoder output (T5 decoder) — is captured as the model itself computes it.
+2. **calibrate / solve** — forward hooks on the block's linear layers accumulate statistics;
+   the linears are solved group by group (:meth:`BlockAdapter.linear_groups`).
+3. **propagate** — the block is re-run and :meth:`BlockAdapter.next_block_inputs` turns its
+   output into the next block's inputs (T5: the first block's relative position bias is
+   carried on to the later blocks).
+
+A model is one or more :class:`Stage` s run in order (BERT, CLIP vision, Llama: one stage;
+T5: the encoder stack, then the decoder stack). Each stage is captured afresh after the
+previous stages are solved, so a T5 decoder sees the encoder as quantized so far.
+
+Adapters subclass :class:`BlockAdapter`, override what differs from the defaults, and register
+with :func:`register_adapter`; :func:`epmq.models.adapter_for` picks one for a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from epmq.errors import EpmqError
+
+BlockArgs = tuple[Any, ...]
+BlockKwargs = dict[str, Any]
+Batch = Mapping[str, Any]
+
+
+class StopForward(Exception):
+    """Raised by the capture hook to stop the model's forward at a stage's first block."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stack of identical blocks run in sequence.
+
+    ``name`` is a short label ("encoder", "decoder", "layers"); ``blocks_path`` the dotted path
+    of the ``nn.ModuleList`` holding the blocks, relative to the model given to the engine
+    (e.g. ``"encoder.layer"`` for ``BertModel``, ``"bert.encoder.layer"`` for
+    ``BertForSequenceClassification``). Parameter names of block ``i``'s linears are
+    ``f"{blocks_path}.{i}.{linear}.weight"``.
+    """
+
+    name: str
+    blocks_path: str
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an :class:`EpmqError` naming the path."""
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as exc:
+        raise EpmqError(f"model {type(model).__name__} has no submodule {path!r}") from exc
+
+
+class BlockAdapter:
+    """Default behaviour shared by transformer families; subclasses override what differs.
+
+    Subclasses set ``family`` and ``model_types`` (``config.model_type`` values they handle)
+    and implement :meth:`stages`. Everything else has a default that fits blocks called as
+    ``block(hidden_states, *rest, **kwargs)`` and returning a tensor or a tuple whose first
+    element is the new hidden states.
+    """
+
+    family: ClassVar[str] = "generic"
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    # -- which models ---------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model`` (by ``config.model_type`` by default)."""
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in cls.model_types
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        """The model's block stacks, in the order the engine solves them."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module, stage: Stage) -> nn.ModuleList:
+        """The block list of ``stage``."""
+        blocks = get_submodule(model, stage.blocks_path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise EpmqError(f"{stage.blocks_path!r} is {type(blocks).__name__}, not a ModuleList")
+        return blocks
+
+    # -- what is solved -------------------------------------------------------------------
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        """Names (relative to ``block``) of the linears to solve, in true-sequential groups.
+
+        Linears of one group read the same inputs and are solved together; groups are solved
+        in order, each seeing the inputs produced by the groups solved before it
+        (``true_sequential``). The default puts every ``nn.Linear`` in its own group in
+        definition order; adapters list real groups (q/k/v, then out, then up, then down).
+        """
+        return [[name] for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+
+    # -- capture --------------------------------------------------------------------------
+    def run_model(self, model: nn.Module, batch: Batch) -> None:
+        """Run ``model`` on one calibration batch (the capture hook stops it early).
+
+        ``batch`` holds the model's keyword inputs (``input_ids``, ``attention_mask``,
+        ``pixel_values``, ...). Override to add inputs the family needs (T5:
+        ``decoder_input_ids``) or to switch caches off.
+        """
+        model(**batch)
+
+    def prepare_block_inputs(
+        self, stage: Stage, args: BlockArgs, kwargs: BlockKwargs
+    ) -> tuple[BlockArgs, BlockKwargs]:
+        """Clean the captured first-block inputs before they are replayed (drop caches)."""
+        kwargs = dict(kwargs)
+        if "past_key_values" in kwargs:
+            kwargs["past_key_values"] = None
+        if "past_key_value" in kwargs:
+            kwargs["past_key_value"] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return args, kwargs
+
+    def token_mask(self, stage: Stage, batch: Batch) -> torch.Tensor | None:
+        """A ``[batch, seq]`` bool mask of the tokens whose activations count in statistics.
+
+        Linear inputs whose leading shape matches the mask are filtered by it (padding is
+        left out of the Grams); other inputs (e.g. T5 cross-attention keys) count whole.
+        The default uses the batch's ``attention_mask`` when there is one.
+        """
+        mask = batch.get("attention_mask")
+        return None if mask is None else mask.bool()
+
+    # -- propagate ------------------------------------------------------------------------
+    def hidden_states(self, args: BlockArgs, kwargs: BlockKwargs) -> torch.Tensor:
+        """The hidden-states input of a block call."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    def with_hidden_states(
+        self, args: BlockArgs, kwargs: BlockKwargs, hidden: torch.Tensor
+    ) -> tuple[BlockArgs, BlockKwargs]:
+        """The same block call with its hidden-states input replaced."""
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def block_output(self, output: Any) -> torch.Tensor:
+        """The new hidden states in a block's output (tensor, or first tuple element)."""
+        if isinstance(output, torch.Tensor):
+            return output
+        if isinstance(output, Sequence):
+            return output[0]
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            raise EpmqError(f"cannot find hidden states in a block output of {type(output)}")
+        return hidden
+
+    def next_block_inputs(
+        self, stage: Stage, index: int, output: Any, args: BlockArgs, kwargs: BlockKwargs
+    ) -> tuple[BlockArgs, BlockKwargs]:
+        """Inputs of block ``index + 1`` from block ``index``'s output and call.
+
+        The default replaces the hidden states and keeps every other argument. T5 overrides
+        this to pass the position bias computed by the first block on to later blocks.
+        """
+        return self.with_hidden_states(args, kwargs, self.block_output(output))
+
+    def link_stage(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        previous_output: torch.Tensor,
+        args: BlockArgs,
+        kwargs: BlockKwargs,
+    ) -> tuple[BlockArgs, BlockKwargs]:
+        """Feed a previous stage's final hidden states into this stage's first-block inputs.
+
+        Used for the ``expert`` activation stream, which runs an expert's own blocks and never
+        goes through the model's forward: for a T5 decoder, replace ``encoder_hidden_states``
+        by ``encoder.final_layer_norm(previous_output)``. ``args``/``kwargs`` are the
+        deployed model's captured inputs for this stage. The default keeps them unchanged
+        (one-stage models never call this).
+        """
+        return args, kwargs
+
+
+_REGISTRY: list[type[BlockAdapter]] = []
+
+
+def register_adapter(cls: type[BlockAdapter]) -> type[BlockAdapter]:
+    """Class decorator: make ``cls`` available to :func:`epmq.models.adapter_for`."""
+    if cls not in _REGISTRY:
+        _REGISTRY.append(cls)
+    return cls
+
+
+def registered_adapters() -> list[type[BlockAdapter]]:
+    """Adapters registered so far (import the family modules first)."""
+    return list(_REGISTRY)
