@@ -67,3 +67,16 @@ def test_bad_configs_name_the_field(tmp_path: Path, text: str, expected: str) ->
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(EpmqError, match="does not exist"):
         load_config(tmp_path / "absent.yaml")
+
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_configs_validate(path: Path) -> None:
+    config = load_config(path)
+    assert config.merges and config.quantization.methods
+
+
+def test_examples_exist() -> None:
+    assert {p.stem for p in EXAMPLES} >= {"text8", "clip-vit-b32-8tasks", "flan-t5-base-glue"}
