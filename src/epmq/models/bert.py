@@ -1,0 +1,88 @@
+"""BERT-style encoders: BertModel, BertFor*, RoBERTa, MiniLM (``encoder.layer.N``).
+
+The blocks are ``BertLayer``s called as ``layer(hidden_states, extended_attention_mask, ...)``
+and returning the new hidden states; the extended attention mask is captured as the model
+computes it. Linears per block, in true-sequential order: ``attention.self.{query,key,value}``,
+``attention.output.dense``, (decoder cross-attention,) ``intermediate.dense``,
+``output.dense``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from epmq.errors import EpmqError
+from epmq.models.adapter import BlockAdapter, Stage, register_adapter
+
+_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attention.self.query", "attention.self.key", "attention.self.value"),
+    ("attention.output.dense",),
+    ("crossattention.self.query",),
+    ("crossattention.self.key", "crossattention.self.value"),
+    ("crossattention.output.dense",),
+    ("intermediate.dense",),
+    ("output.dense",),
+)
+
+_HEADS = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+@register_adapter
+class BertAdapter(BlockAdapter):
+    """Adapter for BERT-like encoders (one stage: the encoder's layer list)."""
+
+    family = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        for path in self._candidate_paths(model):
+            try:
+                blocks = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList):
+                return [Stage("encoder", path)]
+        raise EpmqError(f"model {type(model).__name__} has no BERT encoder.layer list")
+
+    @staticmethod
+    def _candidate_paths(model: nn.Module) -> list[str]:
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        paths = ["encoder.layer"]
+        if prefix:
+            paths.append(f"{prefix}.encoder.layer")
+        return paths
+
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        present = {name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        groups = [[n for n in group if n in present] for group in _GROUPS]
+        groups = [g for g in groups if g]
+        listed = {n for g in groups for n in g}
+        extra = [n for n, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+        return groups + [[n] for n in extra if n not in listed]
+
+
+def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:
+    """Load a BERT-like model from a local Hugging Face folder (no hub access).
+
+    ``head`` is one of ``base``, ``sequence-classification``, ``token-classification``,
+    ``masked-lm``; extra keyword arguments (e.g. ``num_labels``) go to ``from_pretrained``.
+    """
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if head not in _HEADS:
+        raise EpmqError(f"unknown BERT head {head!r}; choose one of {', '.join(_HEADS)}")
+    auto = getattr(transformers, _HEADS[head])
+    model = auto.from_pretrained(str(path), local_files_only=True, **kwargs)
+    model.eval()
+    return model
