@@ -1,1 +1,14 @@
-"""epmq.quant"""
+"""epmq.quant: the quantization core.
+
+Grids and results (:class:`QuantGrid`, :class:`QuantResult`), the solvers :func:`rtn`,
+:func:`gptq` and :func:`epmq` (expert-guided GPTQ on the target of :func:`epmq_target`),
+the proxy loss, and :class:`GramAccumulator` for per-task input statistics.
+"""
+
+from epmq.quant.gptq import gptq
+from epmq.quant.grid import QuantGrid
+from epmq.quant.loss import proxy_loss
+from epmq.quant.result import QuantResult
+from epmq.quant.rtn import rtn
+
+__all__ = ["QuantGrid", "QuantResult", "gptq", "proxy_loss", "rtn"]

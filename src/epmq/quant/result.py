@@ -1,0 +1,58 @@
+"""The result every solver returns, and the one place that turns codes back into weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from epmq.quant.grid import QuantGrid
+
+
+@dataclass
+class QuantResult:
+    """A quantized linear layer, shared by RTN, GPTQ and E-PMQ; export packs from these fields.
+
+    Attributes:
+        weight: dequantized weight [out, in]; float32 (float64 when the solver ran in float64).
+            Always equal to :meth:`dequantize` (bit for bit).
+        codes: integer codes [out, in] in ``[0, grid.maxq]``; ``torch.uint8`` for bits <= 8,
+            ``torch.int32`` above (see :meth:`QuantGrid.codes_dtype`). Convert before shifting.
+        scales: [out, n_groups], same float dtype as ``weight``.
+        zeros: [out, n_groups], integer-valued floats (the zero points).
+        g_idx: int32 [in], the group of every input column (in original column order);
+            all zeros per channel, ``j // group_size`` without act-order.
+        grid: the grid used.
+        proxy_loss: ``tr[(Q - W) H (Q - W)^T]`` w.r.t. the solver's target W and (undamped)
+            Hessian H; ``nan`` when no Hessian was given.
+        damping: percdamp actually used (after retries); 0 for RTN.
+        damping_retries: how many times damping had to be raised for Cholesky to succeed.
+        seconds: wall time of the solve.
+    """
+
+    weight: Tensor
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor
+    g_idx: Tensor
+    grid: QuantGrid
+    proxy_loss: float
+    damping: float
+    damping_retries: int
+    seconds: float
+
+    def dequantize(self) -> Tensor:
+        """``scales[:, g_idx[j]] * (codes[:, j] - zeros[:, g_idx[j]])`` for every column j."""
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx)
+
+
+def dequantize_codes(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """Dequantize [out, in] codes with per-group ``scales``/``zeros`` selected by ``g_idx``."""
+    idx = g_idx.long()
+    return scales[:, idx] * (codes.to(scales.dtype) - zeros[:, idx])
+
+
+def to_codes(codes: Tensor, grid: QuantGrid) -> Tensor:
+    """Store float-valued integer codes in the grid's integer dtype."""
+    return codes.to(torch.int32).to(grid.codes_dtype())
