@@ -1,4 +1,4 @@
-"""Bit packing: exact round trips, and byte equality with the GPTQ and compressed-tensors packers."""
+"""Bit packing: exact round trips; byte equality with the GPTQ and compressed-tensors packers."""
 
 from __future__ import annotations
 
