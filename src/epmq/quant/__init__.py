@@ -6,9 +6,20 @@ the proxy loss, and :class:`GramAccumulator` for per-task input statistics.
 """
 
 from epmq.quant.gptq import gptq
+from epmq.quant.gram import GramAccumulator
 from epmq.quant.grid import QuantGrid
 from epmq.quant.loss import proxy_loss
 from epmq.quant.result import QuantResult
 from epmq.quant.rtn import rtn
+from epmq.quant.target import epmq, epmq_target
 
-__all__ = ["QuantGrid", "QuantResult", "gptq", "proxy_loss", "rtn"]
+__all__ = [
+    "GramAccumulator",
+    "QuantGrid",
+    "QuantResult",
+    "epmq",
+    "epmq_target",
+    "gptq",
+    "proxy_loss",
+    "rtn",
+]

@@ -1,0 +1,134 @@
+"""Streaming per-task statistics of one linear layer's inputs.
+
+For task i the solvers need ``H_i = X_i X_i^T / n_i`` (X_i: [dim, n_i], one column per token)
+and, for expert-activation targets, ``C_i = X_i^expert X_i^T / n_i``. Tokens arrive in batches
+of any leading shape ``[..., dim]``; the accumulator keeps *sums* and a token count, so
+batches of different sizes weigh by their token counts and distributed ranks can all-reduce
+the :meth:`GramAccumulator.state_dict` tensors with SUM (or call :meth:`merge_`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from epmq.errors import EpmqError
+from epmq.quant.checks import check_finite
+
+
+class GramAccumulator:
+    """Accumulates ``X X^T`` (and optionally ``X_cross X^T``) over batches of tokens.
+
+    Args:
+        dim: input features of the layer.
+        dtype: accumulation dtype (float32 default, float64 on request).
+        cross: also accumulate the cross statistic; :meth:`add` then needs ``x_cross``.
+    """
+
+    def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32, cross: bool = False):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise EpmqError(f"GramAccumulator: dim must be a positive int, got {dim!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise EpmqError(f"GramAccumulator: dtype must be float32 or float64, got {dtype}")
+        self.dim = dim
+        self.dtype = dtype
+        self._gram_sum = torch.zeros(dim, dim, dtype=dtype)
+        self._cross_sum = torch.zeros(dim, dim, dtype=dtype) if cross else None
+        self._count = 0
+
+    def add(self, x: Tensor, x_cross: Tensor | None = None) -> None:
+        """Add a batch ``x`` [..., dim] (all leading dims are tokens); masking is the caller's.
+
+        ``x_cross`` (same shape; e.g. the expert model's inputs for the same tokens) is
+        required iff the accumulator was built with ``cross=True``.
+        """
+        rows = self._tokens(x, "x")
+        if self._cross_sum is None:
+            if x_cross is not None:
+                raise EpmqError("GramAccumulator.add: x_cross given but cross=False")
+        else:
+            if x_cross is None:
+                raise EpmqError("GramAccumulator.add: x_cross is required (cross=True)")
+            if x_cross.shape != x.shape:
+                raise EpmqError(
+                    f"GramAccumulator.add: x_cross has shape {tuple(x_cross.shape)}, "
+                    f"x has {tuple(x.shape)}"
+                )
+            cross_rows = self._tokens(x_cross, "x_cross")
+            self._cross_sum.addmm_(cross_rows.T, rows)  # sum_t xc_t x_t^T
+        self._gram_sum.addmm_(rows.T, rows)  # sum_t x_t x_t^T
+        self._count += rows.shape[0]
+
+    def _tokens(self, x: Tensor, name: str) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise EpmqError(f"GramAccumulator.add: {name} must be a floating-point tensor")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise EpmqError(
+                f"GramAccumulator.add: {name} must have last dim {self.dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        rows = x.reshape(-1, self.dim).to(device=self._gram_sum.device, dtype=self.dtype)
+        check_finite(rows, f"GramAccumulator input {name}")
+        return rows
+
+    @property
+    def count(self) -> int:
+        """Number of tokens seen."""
+        return self._count
+
+    @property
+    def gram(self) -> Tensor:
+        """``X X^T / n`` [dim, dim] over all tokens seen."""
+        return self._gram_sum / self._require_tokens()
+
+    @property
+    def cross(self) -> Tensor | None:
+        """``X_cross X^T / n`` [dim, dim] (so ``W @ cross = (W X_cross) X^T / n``), or None."""
+        if self._cross_sum is None:
+            return None
+        return self._cross_sum / self._require_tokens()
+
+    def _require_tokens(self) -> int:
+        if self._count == 0:
+            raise EpmqError("GramAccumulator: no tokens were added")
+        return self._count
+
+    def merge_(self, other: GramAccumulator) -> None:
+        """Add ``other``'s statistics to this one (e.g. from another rank or shard)."""
+        if other.dim != self.dim or (other._cross_sum is None) != (self._cross_sum is None):
+            raise EpmqError(
+                f"GramAccumulator.merge_: dim/cross mismatch ({self.dim}, "
+                f"cross={self._cross_sum is not None}) vs ({other.dim}, "
+                f"cross={other._cross_sum is not None})"
+            )
+        self._gram_sum.add_(other._gram_sum.to(self.dtype))
+        if self._cross_sum is not None and other._cross_sum is not None:
+            self._cross_sum.add_(other._cross_sum.to(self.dtype))
+        self._count += other._count
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Sums and count: ``gram_sum``, ``count`` (int64 scalar), and ``cross_sum`` if any."""
+        state = {"gram_sum": self._gram_sum, "count": torch.tensor(self._count)}
+        if self._cross_sum is not None:
+            state["cross_sum"] = self._cross_sum
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> GramAccumulator:
+        """Rebuild an accumulator saved with :meth:`state_dict`."""
+        for key in ("gram_sum", "count"):
+            if key not in state:
+                raise EpmqError(f"GramAccumulator state is missing {key!r}")
+        gram_sum = state["gram_sum"]
+        if gram_sum.dim() != 2 or gram_sum.shape[0] != gram_sum.shape[1]:
+            raise EpmqError(
+                f"GramAccumulator state gram_sum is not square: {tuple(gram_sum.shape)}"
+            )
+        acc = cls(gram_sum.shape[0], dtype=gram_sum.dtype, cross="cross_sum" in state)
+        acc._gram_sum = gram_sum.clone()
+        if acc._cross_sum is not None:
+            if state["cross_sum"].shape != gram_sum.shape:
+                raise EpmqError("GramAccumulator state cross_sum has the wrong shape")
+            acc._cross_sum = state["cross_sum"].to(gram_sum.dtype).clone()
+        acc._count = int(state["count"])
+        return acc

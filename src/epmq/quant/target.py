@@ -1,0 +1,135 @@
+"""E-PMQ: expert-guided GPTQ with merged-weight anchoring (design.md section 2).
+
+For one linear layer, expert weights W_i, per-task Grams H_i = X_i X_i^T / n_i, task weights
+w_i and the merged weight W_m, E-PMQ solves
+
+    min_Q  sum_i w_i ||Q X_i - W_i X_i||^2 / n_i  +  lam ||Q - W_m||^2,   Q on the grid.
+
+Expanding the squares, this is  tr[(Q - W*) H (Q - W*)^T] + const  with
+
+    S   = sum_i w_i H_i
+    lam = alpha * mean(diag S)                 (scale-free anchor strength)
+    H   = S + lam I
+    W*  = (sum_i w_i W_i H_i + lam W_m) H^-1   (W_i C_i instead of W_i H_i with cross terms,
+                                                C_i = X_i^expert X_i^T / n_i)
+
+so E-PMQ is exactly GPTQ run on the target W* with Hessian H. alpha -> inf gives GPTQ of W_m,
+alpha -> 0 (without rounding) gives the RegMean merge (sum_i W_i H_i)(sum_i H_i)^-1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from epmq.errors import EpmqError
+from epmq.quant.checks import as_matrix, as_square, working_dtype
+from epmq.quant.gptq import gptq
+from epmq.quant.grid import QuantGrid
+from epmq.quant.result import QuantResult
+
+
+def epmq_target(
+    expert_weights: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    merged_weight: Tensor,
+    *,
+    alpha: float,
+    task_weights: Sequence[float] | None = None,
+    cross: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Return ``(W*, H)``: the E-PMQ target weight [out, in] and Hessian [in, in].
+
+    Args:
+        expert_weights: the K experts' weights of this layer, each [out, in].
+        grams: per-task normalised Grams ``X_i X_i^T / n_i``, each [in, in].
+        merged_weight: the merged weight W_m [out, in] (the anchor).
+        alpha: anchor strength, ``lam = alpha * mean(diag(sum_i w_i H_i))``; >= 0.
+        task_weights: w_i, default 1 each.
+        cross: optional ``C_i = X_i^expert X_i^T / n_i`` (expert-activation targets).
+
+    Float64 inputs give float64 outputs, otherwise float32. The solve uses a Cholesky
+    factorisation of H (no explicit inverse). Raises :class:`EpmqError` naming the tensor
+    on bad shapes, NaN/Inf, or a singular H (alpha = 0 with rank-deficient Grams).
+    """
+    k = len(expert_weights)
+    if k == 0:
+        raise EpmqError("epmq_target: expert_weights is empty")
+    if len(grams) != k:
+        raise EpmqError(f"epmq_target: got {k} expert_weights but {len(grams)} grams")
+    if cross is not None and len(cross) != k:
+        raise EpmqError(f"epmq_target: got {k} expert_weights but {len(cross)} cross terms")
+    weights = [1.0] * k if task_weights is None else [float(v) for v in task_weights]
+    if len(weights) != k:
+        raise EpmqError(f"epmq_target: got {k} expert_weights but {len(weights)} task_weights")
+    if not all(math.isfinite(v) and v >= 0 for v in weights) or sum(weights) <= 0:
+        raise EpmqError(f"epmq_target: task_weights must be >= 0, not all 0, got {weights}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise EpmqError(f"epmq_target: alpha must be a finite number >= 0, got {alpha!r}")
+
+    dtype = working_dtype(merged_weight, *expert_weights, *grams, *(cross or []))
+    w_m = as_matrix(merged_weight, "merged_weight", dtype)
+    rows, cols = w_m.shape
+
+    # S = sum_i w_i H_i and B = sum_i w_i W_i H_i (or W_i C_i), accumulated in place.
+    s = torch.zeros(cols, cols, dtype=dtype)
+    b = torch.zeros(rows, cols, dtype=dtype)
+    for i in range(k):
+        w_i = as_matrix(expert_weights[i], f"expert_weights[{i}]", dtype)
+        if w_i.shape != w_m.shape:
+            raise EpmqError(
+                f"expert_weights[{i}] has shape {tuple(w_i.shape)}, "
+                f"merged_weight has {tuple(w_m.shape)}"
+            )
+        h_i = as_square(grams[i], f"grams[{i}]", cols, dtype)
+        c_i = h_i if cross is None else as_square(cross[i], f"cross[{i}]", cols, dtype)
+        s.add_(h_i, alpha=weights[i])
+        b.addmm_(w_i, c_i, alpha=weights[i])
+
+    mean_diag = float(torch.diagonal(s).mean())
+    if not mean_diag > 0:
+        raise EpmqError("epmq_target: grams have no activation energy (mean of diag is 0)")
+    lam = alpha * mean_diag
+    h = s
+    h.diagonal().add_(lam)
+    b.add_(w_m, alpha=lam)
+
+    # W* H = B  <=>  H W*^T = B^T (H symmetric): Cholesky H = L L^T, two triangular solves.
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise EpmqError(
+            f"epmq_target: H = sum_i w_i grams[i] + lam I is not positive definite "
+            f"(alpha={alpha:g}); use alpha > 0"
+        )
+    target = torch.cholesky_solve(b.T, chol).T.contiguous()
+    return target, h
+
+
+def epmq(
+    expert_weights: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    merged_weight: Tensor,
+    grid: QuantGrid,
+    *,
+    alpha: float,
+    task_weights: Sequence[float] | None = None,
+    cross: Sequence[Tensor] | None = None,
+    **gptq_kwargs: Any,
+) -> QuantResult:
+    """E-PMQ: :func:`gptq` on ``(W*, H) = epmq_target(...)``.
+
+    ``proxy_loss`` in the result is ``tr[(Q - W*) H (Q - W*)^T]``, which equals the E-PMQ
+    objective up to a constant that does not depend on Q. ``seconds`` includes the target.
+    """
+    start = time.perf_counter()
+    target, h = epmq_target(
+        expert_weights, grams, merged_weight, alpha=alpha, task_weights=task_weights, cross=cross
+    )
+    result = gptq(target, h, grid, **gptq_kwargs)
+    result.seconds = time.perf_counter() - start
+    return result
