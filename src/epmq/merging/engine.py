@@ -133,8 +133,8 @@ def make_plan(
         raise EpmqError(f"method {method!r} does not use Gram matrices; drop grams=...")
     if grams is None and spec.requires_grams:
         raise EpmqError(
-            f"method {method!r} needs per-task Gram matrices (grams=..., keyed by weight name; "
-            "computed by the calibration engine, epmq.calib)"
+            f"method {method!r} needs per-task Gram matrices (grams=... keyed by weight name, "
+            "or --grams FILE written by epmq.merging.grams.save_grams; computed by epmq.calib)"
         )
     check_grams(grams, base_meta, selected, len(experts_meta))
     return MergePlan(spec, resolved, base_meta, selected, list(expert_names), grams)
