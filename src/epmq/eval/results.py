@@ -47,7 +47,9 @@ Alpha = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+    # Validated when built or loaded (and by Results.add); plain attribute assignment is not
+    # re-validated, since pydantic would keep a value its model validator rejects.
+    model_config = ConfigDict(extra="forbid")
 
 
 class Versions(_Strict):
@@ -142,22 +144,7 @@ class Results(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Results:
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks are not unique: {self.tasks}")
-        names: set[str] = set()
-        for row in self.rows:
-            if row.name in names:
-                raise ValueError(f"row name {row.name!r} appears twice")
-            names.add(row.name)
-            missing = [t for t in self.tasks if t not in row.accuracy]
-            extra = [t for t in row.accuracy if t not in self.tasks]
-            if missing or extra:
-                raise ValueError(
-                    f"row {row.name!r}: accuracy must hold exactly the tasks {self.tasks}"
-                    f" (missing {missing}, unknown {extra})"
-                )
-        if len(self.find(kind="expert")) > 1:
-            raise ValueError("at most one row may have kind 'expert' (it holds all tasks)")
+        _check_rows(self.tasks, self.rows)
         return self
 
     # ---- construction and JSON ------------------------------------------------------------
@@ -198,6 +185,15 @@ class Results(_Strict):
         from epmq.atomic import write_text
 
         return write_text(path, self.to_json(), force=force)
+
+    def add(self, row: Row) -> Row:
+        """Append ``row``, checking its tasks and name against the rest; returns it."""
+        try:
+            _check_rows(self.tasks, [*self.rows, row])
+        except ValueError as err:
+            raise EpmqError(f"results of suite {self.suite!r}: {err}") from None
+        self.rows.append(row)
+        return row
 
     # ---- lookups --------------------------------------------------------------------------
 
@@ -316,6 +312,26 @@ def collect_versions() -> Versions:
 def collect_machine() -> Machine:
     """CPU count and platform string of this machine."""
     return Machine(cpu_count=os.cpu_count(), platform=platform.platform())
+
+
+def _check_rows(tasks: list[str], rows: list[Row]) -> None:
+    """Unique tasks and row names, every row holding exactly the tasks, at most one expert."""
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks are not unique: {tasks}")
+    names: set[str] = set()
+    for row in rows:
+        if row.name in names:
+            raise ValueError(f"row name {row.name!r} appears twice")
+        names.add(row.name)
+        missing = [t for t in tasks if t not in row.accuracy]
+        extra = [t for t in row.accuracy if t not in tasks]
+        if missing or extra:
+            raise ValueError(
+                f"row {row.name!r}: accuracy must hold exactly the tasks {tasks}"
+                f" (missing {missing}, unknown {extra})"
+            )
+    if sum(row.kind == "expert" for row in rows) > 1:
+        raise ValueError("at most one row may have kind 'expert' (it holds all tasks)")
 
 
 def _describe(err: ValidationError, source: str) -> str:
