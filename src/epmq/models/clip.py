@@ -1,0 +1,208 @@
+"""CLIP vision encoders: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel``.
+
+Only the vision tower is merged and quantized (FusionBench style: the text encoder stays
+pretrained and only builds zero-shot heads). The blocks are ``CLIPEncoderLayer`` s at
+``encoder.layers.N`` (``CLIPVisionModel``, transformers 5.x) or
+``vision_model.encoder.layers.N`` (``CLIPModel``, ``CLIPVisionModelWithProjection``), called
+as ``layer(hidden_states, attention_mask=None)`` and returning the new hidden states; the first
+block's inputs are the pre-layernorm'ed patch embeddings, captured as the model computes them.
+Linears per block, in true-sequential order: ``self_attn.{q,k,v}_proj``,
+``self_attn.out_proj``, ``mlp.fc1``, ``mlp.fc2``.
+
+Heads: :func:`zero_shot_head` builds a task's classifier from class names and prompt templates
+through the pretrained text encoder; :func:`image_features` gives the normalised image
+embeddings it (or any linear head trained on them) reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epmq.errors import EpmqError
+from epmq.models.adapter import Batch, BlockAdapter, Stage, register_adapter
+
+Template = str | Callable[[str], str]
+
+_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.out_proj",),
+    ("mlp.fc1",),
+    ("mlp.fc2",),
+)
+
+_CLASSES = ("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The module that maps ``pixel_values`` to vision features (the model itself or its
+    ``vision_model``)."""
+    tower = getattr(model, "vision_model", None)
+    return tower if isinstance(tower, nn.Module) else model
+
+
+@register_adapter
+class ClipVisionAdapter(BlockAdapter):
+    """Adapter for CLIP vision encoders (one stage: the vision encoder's layer list)."""
+
+    family = "clip"
+    model_types = ("clip", "clip_vision_model")
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        for path in ("encoder.layers", "vision_model.encoder.layers"):
+            try:
+                blocks = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList):
+                return [Stage("vision", path)]
+        raise EpmqError(f"model {type(model).__name__} has no CLIP vision encoder.layers list")
+
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        present = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        groups = [[n for n in group if n in present] for group in _GROUPS]
+        groups = [g for g in groups if g]
+        listed = {n for g in groups for n in g}
+        return groups + [[n] for n in present if n not in listed]
+
+    def run_model(self, model: nn.Module, batch: Batch) -> None:
+        """Run only the vision tower on the batch's ``pixel_values`` (no text needed)."""
+        if "pixel_values" not in batch:
+            raise EpmqError(
+                f"CLIP calibration batch has no 'pixel_values' (keys: {', '.join(batch)})"
+            )
+        vision_tower(model)(pixel_values=batch["pixel_values"])
+
+    def token_mask(self, stage: Stage, batch: Batch) -> Tensor | None:
+        """Every patch token (and the class token) counts."""
+        return None
+
+    @staticmethod
+    def load(path: str | Path, **kwargs: Any) -> nn.Module:
+        """:func:`load_clip`."""
+        return load_clip(path, **kwargs)
+
+
+def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a CLIP model from a local folder (no hub access), in eval mode.
+
+    The class follows ``config.json``: ``model_type`` ``clip`` → ``CLIPModel``;
+    ``clip_vision_model`` → the class named in ``architectures`` (``CLIPVisionModel`` or
+    ``CLIPVisionModelWithProjection``; ``CLIPVisionModel`` when none is named).
+    """
+    import transformers
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type == "clip":
+        name = "CLIPModel"
+    elif model_type == "clip_vision_model":
+        named = [a for a in config.get("architectures") or [] if a in _CLASSES[1:]]
+        name = named[0] if named else "CLIPVisionModel"
+    else:
+        raise EpmqError(
+            f"{config_file}: model_type {model_type!r} is not a CLIP model "
+            "(expected 'clip' or 'clip_vision_model')"
+        )
+    model = getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **kwargs)
+    model.eval()
+    return model
+
+
+# -- heads ------------------------------------------------------------------------------------
+def _normalize(x: Tensor) -> Tensor:
+    return x / x.norm(p=2, dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def image_features(
+    model: nn.Module,
+    pixel_values: Tensor,
+    projection: nn.Module | None = None,
+    *,
+    normalize: bool = True,
+) -> Tensor:
+    """Image embeddings ``[batch, dim]`` of a CLIP vision model (L2-normalised by default).
+
+    ``CLIPModel`` and ``CLIPVisionModelWithProjection`` apply their own visual projection; a
+    bare ``CLIPVisionModel`` gives its pooled output, projected by ``projection`` when given
+    (e.g. the pretrained ``CLIPModel.visual_projection``, as FusionBench does).
+    """
+    if hasattr(model, "get_image_features") and hasattr(model, "visual_projection"):
+        embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
+    elif hasattr(model, "visual_projection"):
+        embeds = model(pixel_values=pixel_values).image_embeds
+    else:
+        embeds = model(pixel_values=pixel_values).pooler_output
+        if projection is not None:
+            embeds = projection(embeds)
+    return _normalize(embeds) if normalize else embeds
+
+
+def _prompt(template: Template, class_name: str) -> str:
+    return template(class_name) if callable(template) else template.format(class_name)
+
+
+@torch.no_grad()
+def zero_shot_head(
+    clip_model: nn.Module,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    templates: Sequence[Template],
+) -> nn.Linear:
+    """A zero-shot classifier from class names and prompt templates (FusionBench style).
+
+    For each class, every template (a ``str.format`` pattern with one ``{}``, or a callable
+    taking the class name) is encoded by the text tower of ``clip_model`` (a ``CLIPModel``);
+    the normalised text embeddings are averaged over templates and normalised again, then
+    scaled by ``exp(logit_scale)``. The returned bias-free ``nn.Linear`` maps normalised image
+    embeddings (:func:`image_features`) to logits; with one template it reproduces
+    ``CLIPModel``'s ``logits_per_image`` for those prompts.
+    """
+    if not hasattr(clip_model, "get_text_features"):
+        raise EpmqError(
+            f"zero_shot_head needs a CLIPModel with a text tower, got {type(clip_model).__name__}"
+        )
+    if not class_names:
+        raise EpmqError("zero_shot_head: class_names is empty")
+    if not templates:
+        raise EpmqError("zero_shot_head: templates is empty")
+    rows = []
+    for name in class_names:
+        texts = [_prompt(t, name) for t in templates]
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        out = clip_model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask")
+        )
+        embeds = out.pooler_output if hasattr(out, "pooler_output") else out
+        rows.append(_normalize(_normalize(embeds.float()).mean(dim=0)))
+    weight = torch.stack(rows) * clip_model.logit_scale.detach().float().exp()
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight.data.copy_(weight)
+    return head
+
+
+@torch.no_grad()
+def classify(
+    model: nn.Module,
+    head: nn.Module,
+    pixel_values: Tensor,
+    projection: nn.Module | None = None,
+) -> Tensor:
+    """Logits ``[batch, classes]``: ``head`` applied to the normalised image embeddings."""
+    features = image_features(model, pixel_values, projection)
+    weight = getattr(head, "weight", None)
+    dtype = weight.dtype if isinstance(weight, Tensor) else features.dtype
+    return head(features.to(dtype))
