@@ -1,0 +1,241 @@
+"""One block's lifecycle: calibrate (statistics) → solve (linears) → propagate (next inputs).
+
+``BlockJob`` holds what a block needs: the block, its per-task input calls, the expert
+activation stream (for ``x_source="expert"``), and the experts' tensors of this block only
+(read from each expert's files when the block starts, dropped when it ends).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from epmq.calib.capture import BlockCall
+from epmq.calib.expert_weights import ExpertWeights
+from epmq.calib.records import LayerRecord
+from epmq.calib.solve import LayerProblem, SolveOptions, solve_layer
+from epmq.calib.statistics import LinearInputs, TaskStatistics
+from epmq.models.adapter import BlockAdapter, Stage
+from epmq.quant import QuantResult
+
+Streams = dict[str, list[BlockCall]]
+
+
+@dataclass
+class BlockOutcome:
+    """Solved weights (by module name), quantization results and records of one block."""
+
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    results: dict[str, QuantResult] = field(default_factory=dict)
+    records: list[LayerRecord] = field(default_factory=list)
+    grams: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class BlockJob:
+    """A block and everything needed to solve it."""
+
+    adapter: BlockAdapter
+    stage: Stage
+    index: int
+    block: nn.Module
+    tasks: list[str]
+    experts: list[ExpertWeights] | None
+    options: SolveOptions
+    x_source: str
+    true_sequential: bool
+    keep_grams: bool = False
+
+    @property
+    def prefix(self) -> str:
+        """Module-name prefix of this block in the model."""
+        return f"{self.stage.blocks_path}.{self.index}"
+
+    # -- expert tensors ---------------------------------------------------------------------
+    def expert_states(self, linear_only: bool) -> list[dict[str, Tensor]]:
+        """Each expert's tensors of this block (names relative to the block)."""
+        assert self.experts is not None
+        params = dict(self.block.named_parameters())
+        params.update(dict(self.block.named_buffers()))
+        if linear_only:
+            linears = {n for n, m in self.block.named_modules() if isinstance(m, nn.Linear)}
+            params = {n: p for n, p in params.items() if n.rsplit(".", 1)[0] in linears}
+        states = []
+        for expert in self.experts:
+            states.append(
+                {n: expert.tensor(f"{self.prefix}.{n}", like=p.detach()) for n, p in params.items()}
+            )
+        return states
+
+    def expert_blocks(self, states: Sequence[dict[str, Tensor]]) -> list[nn.Module]:
+        """Copies of this block (taken before it is modified) holding each expert's tensors."""
+        blocks = []
+        for state in states:
+            twin = copy.deepcopy(self.block)
+            twin.load_state_dict(state, strict=False)
+            blocks.append(twin)
+        return blocks
+
+    # -- the lifecycle ------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(
+        self, calls: Streams, expert_calls: Streams | None
+    ) -> tuple[BlockOutcome, Streams, Streams | None]:
+        """Solve the block; return the outcome and the next block's calls (and expert stream)."""
+        expert_stream = self.x_source == "expert"
+        states = None
+        if self.options.method in ("epmq", "regmean") or expert_stream:
+            states = self.expert_states(linear_only=not expert_stream)
+        twins = self.expert_blocks(states) if expert_stream and states is not None else None
+        groups = self.adapter.linear_groups(self.block)
+        outcome = BlockOutcome()
+        if self.x_source == "merged":
+            names = [n for g in groups for n in g]
+            stats, merged_next = self._calibrate(names, calls, None, None, propagate=True)
+            assert merged_next is not None
+            next_calls = merged_next
+            self._solve(names, stats, states, outcome)
+        else:
+            plan = groups if self.true_sequential else [[n for g in groups for n in g]]
+            for group in plan:
+                stats, _ = self._calibrate(group, calls, twins, expert_calls, propagate=False)
+                self._solve(group, stats, states, outcome)
+            next_calls = propagate(self.adapter, self.stage, self.index, self.block, calls)
+        return outcome, next_calls, self._advance_experts(twins, expert_calls)
+
+    @torch.no_grad()
+    def replay(
+        self, calls: Streams, expert_calls: Streams | None, weights: dict[str, Tensor]
+    ) -> tuple[Streams, Streams | None]:
+        """Propagate through a block finished by an earlier run, loading its solved weights.
+
+        The inputs are propagated exactly as the original run did: through the full-precision
+        block for ``x_source="merged"`` (then the weights are loaded), else through the solved
+        block.
+        """
+        twins = None
+        if self.x_source == "expert":
+            twins = self.expert_blocks(self.expert_states(linear_only=False))
+        if self.x_source == "merged":
+            next_calls = propagate(self.adapter, self.stage, self.index, self.block, calls)
+            self.load(weights)
+        else:
+            self.load(weights)
+            next_calls = propagate(self.adapter, self.stage, self.index, self.block, calls)
+        return next_calls, self._advance_experts(twins, expert_calls)
+
+    def load(self, weights: dict[str, Tensor]) -> None:
+        """Write solved weights (keyed by module name) into the block."""
+        for full, weight in weights.items():
+            module = self.block.get_submodule(full[len(self.prefix) + 1 :])
+            module.weight.data.copy_(weight.to(module.weight.dtype))
+
+    def _advance_experts(
+        self, twins: list[nn.Module] | None, expert_calls: Streams | None
+    ) -> Streams | None:
+        if twins is None or expert_calls is None:
+            return None
+        return {
+            task: propagate_calls(self.adapter, self.stage, self.index, twin, expert_calls[task])
+            for task, twin in zip(self.tasks, twins, strict=True)
+        }
+
+    def _calibrate(
+        self,
+        names: list[str],
+        calls: Streams,
+        twins: list[nn.Module] | None,
+        expert_calls: Streams | None,
+        *,
+        propagate: bool,
+    ) -> tuple[TaskStatistics, Streams | None]:
+        regmean_expert = self.options.method == "regmean" and twins is not None
+        cross = twins is not None and not regmean_expert
+        stats = TaskStatistics(self.block, names, self.tasks, cross=cross)
+        outputs: Streams | None = {} if propagate else None
+        for t, task in enumerate(self.tasks):
+            recorder = LinearInputs(self.block, names, stop=not propagate)
+            expert_recorder = (
+                LinearInputs(twins[t], names, stop=True) if twins is not None else None
+            )
+            task_out: list[BlockCall] = []
+            for b, call in enumerate(calls[task]):
+                with recorder:
+                    recorder.reset(call.mask)
+                    out = call.run(self.block)
+                expert_inputs = None
+                if expert_recorder is not None and expert_calls is not None:
+                    expert_call = expert_calls[task][b]
+                    with expert_recorder:
+                        expert_recorder.reset(expert_call.mask)
+                        expert_call.run(expert_recorder.block)
+                    expert_inputs = expert_recorder.inputs
+                if regmean_expert:
+                    assert expert_inputs is not None
+                    stats.add(task, expert_inputs, None)
+                else:
+                    stats.add(task, recorder.inputs, expert_inputs)
+                if outputs is not None:
+                    task_out.append(call.advanced(self.adapter, self.stage, self.index, out))
+            if outputs is not None:
+                outputs[task] = task_out
+        return stats, outputs
+
+    def _solve(
+        self,
+        names: list[str],
+        stats: TaskStatistics,
+        states: list[dict[str, Tensor]] | None,
+        outcome: BlockOutcome,
+    ) -> None:
+        for name in names:
+            module = self.block.get_submodule(name)
+            full = f"{self.prefix}.{name}"
+            experts = None if states is None else [s[f"{name}.weight"] for s in states]
+            grams = stats.grams(name)
+            problem = LayerProblem(
+                full, module.weight.detach().float(), grams, stats.crosses(name), experts
+            )
+            solution = solve_layer(problem, self.options)
+            module.weight.data.copy_(solution.weight.to(module.weight.dtype))
+            outcome.weights[full] = module.weight.detach().clone()
+            if solution.result is not None:
+                outcome.results[full] = solution.result
+            if self.keep_grams:
+                outcome.grams[f"{full}.weight"] = grams
+            record = LayerRecord(
+                name=full,
+                stage=self.stage.name,
+                block=self.index,
+                method=self.options.method,
+                shape=(int(module.out_features), int(module.in_features)),
+                tokens=stats.counts(name),
+                proxy_loss=solution.proxy_loss,
+                damping=solution.damping,
+                damping_retries=solution.damping_retries,
+                seconds=solution.seconds,
+            )
+            record.log()
+            outcome.records.append(record)
+
+
+@torch.no_grad()
+def propagate_calls(
+    adapter: BlockAdapter, stage: Stage, index: int, block: nn.Module, calls: list[BlockCall]
+) -> list[BlockCall]:
+    """Run ``block`` on each call; return the next block's calls."""
+    return [call.advanced(adapter, stage, index, call.run(block)) for call in calls]
+
+
+def propagate(
+    adapter: BlockAdapter, stage: Stage, index: int, block: nn.Module, calls: Streams
+) -> Streams:
+    """:func:`propagate_calls` for every task."""
+    return {
+        task: propagate_calls(adapter, stage, index, block, task_calls)
+        for task, task_calls in calls.items()
+    }

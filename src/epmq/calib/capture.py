@@ -1,0 +1,89 @@
+"""Step 1 of the lifecycle: capture a stage's first-block inputs (the GPTQ "Catcher").
+
+The model runs on each calibration batch with a forward pre-hook on the stage's first block
+that records ``(args, kwargs)`` and raises :class:`StopForward`, so only the embeddings (and,
+for later stages, the earlier stacks) run. Whatever the block needs — the extended attention
+mask, rotary position embeddings, the encoder output — is captured as the model computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epmq.errors import EpmqError
+from epmq.models.adapter import Batch, BlockAdapter, BlockArgs, BlockKwargs, Stage, StopForward
+
+
+@dataclass
+class BlockCall:
+    """One batch's inputs to a block, plus the mask of tokens that count in statistics."""
+
+    args: BlockArgs
+    kwargs: BlockKwargs
+    mask: Tensor | None
+
+    def run(self, block: nn.Module) -> Any:
+        """Call ``block`` on these inputs (a :class:`StopForward` from a hook returns None)."""
+        try:
+            return block(*self.args, **self.kwargs)
+        except StopForward:
+            return None
+
+    def advanced(self, adapter: BlockAdapter, stage: Stage, index: int, output: Any) -> BlockCall:
+        """The call of block ``index + 1`` given block ``index``'s ``output``."""
+        args, kwargs = adapter.next_block_inputs(stage, index, output, self.args, self.kwargs)
+        return replace(self, args=args, kwargs=kwargs)
+
+
+def detach_tree(value: Any) -> Any:
+    """Detach every tensor inside nested tuples/lists/dicts."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(detach_tree(v) for v in value)
+    if isinstance(value, list):
+        return [detach_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: detach_tree(v) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_stage_inputs(
+    model: nn.Module,
+    adapter: BlockAdapter,
+    stage: Stage,
+    batches: Sequence[Batch],
+    task: str,
+) -> list[BlockCall]:
+    """Run ``model`` on each batch and record the inputs of ``stage``'s first block."""
+    first = adapter.blocks(model, stage)[0]
+    captured: list[tuple[BlockArgs, BlockKwargs]] = []
+
+    def catcher(module: nn.Module, args: BlockArgs, kwargs: BlockKwargs) -> None:
+        captured.append((detach_tree(args), detach_tree(dict(kwargs))))
+        raise StopForward
+
+    calls: list[BlockCall] = []
+    handle = first.register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        for number, batch in enumerate(batches):
+            captured.clear()
+            with contextlib.suppress(StopForward):
+                adapter.run_model(model, batch)
+            if not captured:
+                raise EpmqError(
+                    f"task {task!r}: calibration batch {number} never reached the first "
+                    f"{stage.name} block ({stage.blocks_path}.0)"
+                )
+            args, kwargs = adapter.prepare_block_inputs(stage, *captured[0])
+            calls.append(BlockCall(args, kwargs, adapter.token_mask(stage, batch)))
+    finally:
+        handle.remove()
+    return calls

@@ -1,0 +1,111 @@
+"""Resume support: each finished block's solved linears, saved atomically.
+
+A checkpoint folder holds ``meta.json`` (the run's settings; a restart with other settings is
+refused) and one ``<stage>-block-<NNNN>.safetensors`` per finished block with the solved
+weights and, for rounded layers, their codes, scales, zeros and ``g_idx``; the layer records
+ride in the file's metadata. Next-block inputs are not stored: a restarted run recomputes
+them by replaying the finished blocks, which is deterministic, so the result equals an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from epmq.atomic import save_tensors, write_json
+from epmq.calib.records import LayerRecord
+from epmq.errors import EpmqError
+from epmq.quant import QuantGrid, QuantResult
+
+_RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
+
+
+class BlockCheckpoint:
+    """Finished blocks of one run, in ``folder``."""
+
+    def __init__(self, folder: str | Path, settings: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "meta.json"
+        if meta.is_file():
+            saved = json.loads(meta.read_text())
+            if saved != settings:
+                changed = sorted(
+                    k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k)
+                )
+                raise EpmqError(
+                    f"checkpoint {self.folder} was written by a run with other settings "
+                    f"({', '.join(changed)}); use a fresh checkpoint folder"
+                )
+        else:
+            write_json(meta, settings)
+
+    def _path(self, stage: str, block: int) -> Path:
+        return self.folder / f"{stage}-block-{block:04d}.safetensors"
+
+    def has(self, stage: str, block: int) -> bool:
+        """Whether block ``block`` of ``stage`` is finished."""
+        return self._path(stage, block).is_file()
+
+    def save(
+        self,
+        stage: str,
+        block: int,
+        weights: dict[str, Tensor],
+        results: dict[str, QuantResult],
+        records: list[LayerRecord],
+    ) -> None:
+        """Save a finished block (one atomic file)."""
+        tensors: dict[str, Tensor] = {f"{name}::weight": w for name, w in weights.items()}
+        grids: dict[str, dict[str, Any]] = {}
+        for name, result in results.items():
+            for key in _RESULT_FIELDS:
+                tensors[f"{name}::{key}"] = getattr(result, key)
+            grids[name] = {
+                "bits": result.grid.bits,
+                "group_size": result.grid.group_size,
+                "symmetric": result.grid.symmetric,
+                "proxy_loss": float(result.proxy_loss),
+                "damping": float(result.damping),
+                "damping_retries": int(result.damping_retries),
+                "seconds": float(result.seconds),
+            }
+        metadata = {
+            "records": json.dumps([r.to_dict() for r in records]),
+            "results": json.dumps(grids),
+        }
+        save_tensors(self._path(stage, block), tensors, metadata)
+
+    def load(
+        self, stage: str, block: int
+    ) -> tuple[dict[str, Tensor], dict[str, QuantResult], list[LayerRecord]]:
+        """Weights, results and records of a finished block."""
+        from safetensors import safe_open
+
+        path = self._path(stage, block)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        weights = {k[: -len("::weight")]: v for k, v in tensors.items() if k.endswith("::weight")}
+        results: dict[str, QuantResult] = {}
+        for name, info in json.loads(metadata.get("results", "{}")).items():
+            grid = QuantGrid(info["bits"], info["group_size"], info["symmetric"])
+            results[name] = QuantResult(
+                weight=weights[name],
+                codes=tensors[f"{name}::codes"],
+                scales=tensors[f"{name}::scales"],
+                zeros=tensors[f"{name}::zeros"],
+                g_idx=tensors[f"{name}::g_idx"].to(torch.int32),
+                grid=grid,
+                proxy_loss=info["proxy_loss"],
+                damping=info["damping"],
+                damping_retries=info["damping_retries"],
+                seconds=info["seconds"],
+            )
+        records = [LayerRecord.from_dict(r) for r in json.loads(metadata.get("records", "[]"))]
+        return weights, results, records

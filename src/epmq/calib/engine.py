@@ -1,0 +1,311 @@
+"""The layer-wise calibration engine: ``quantize_model``.
+
+For every stage of the model (one for encoders and decoders, two for T5), and every block:
+
+1. capture the stage's first-block inputs per task (:mod:`epmq.calib.capture`);
+2. calibrate: per-task Grams of the block's linears from the model's own forward
+   (:mod:`epmq.calib.statistics`);
+3. solve every linear (:mod:`epmq.calib.solve`), write the weights back;
+4. propagate: re-run the block to produce the next block's inputs (:mod:`epmq.calib.block`).
+
+Where the linears' inputs come from (``x_source``): ``quantized`` (default; through the model
+as rounded so far), ``merged`` (through the full-precision merged model), ``expert`` (as
+``quantized``, plus each expert's own activations through its own blocks for the targets:
+``C_i = X_i^expert X_iᵀ / n_i``). Expert tensors are read one block at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from epmq.atomic import write_json
+from epmq.calib.block import BlockJob, Streams
+from epmq.calib.capture import BlockCall, capture_stage_inputs
+from epmq.calib.checkpoint import BlockCheckpoint
+from epmq.calib.expert_weights import ExpertWeights, as_expert
+from epmq.calib.records import LayerRecord
+from epmq.calib.solve import NEEDS_EXPERTS, SolveOptions
+from epmq.errors import EpmqError
+from epmq.models.adapter import Batch, BlockAdapter, Stage
+from epmq.quant import QuantGrid, QuantResult
+
+logger = logging.getLogger("epmq.calib")
+
+X_SOURCES = ("quantized", "merged", "expert")
+ExpertSource = ExpertWeights | str | Path | Mapping[str, Tensor]
+BlockCallback = Callable[[str, int], None]
+
+
+@dataclass
+class CalibrationRun:
+    """What a run produced: per-layer records, quantization results, settings."""
+
+    layers: list[LayerRecord]
+    results: dict[str, QuantResult]
+    settings: dict[str, Any]
+    seconds: float
+    resumed_blocks: int = 0
+    grams: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: settings, totals and every layer's figures."""
+        return {
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "resumed_blocks": self.resumed_blocks,
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+    def write(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (atomically)."""
+        return write_json(path, self.to_dict())
+
+
+def quantize_model(
+    model: nn.Module,
+    adapter: BlockAdapter | None,
+    calib: Mapping[str, Sequence[Batch]],
+    *,
+    method: str,
+    grid: QuantGrid | None = None,
+    experts: Sequence[ExpertSource] | Mapping[str, ExpertSource] | None = None,
+    alpha: float = 0.1,
+    x_source: str = "quantized",
+    target: str = "expert",
+    true_sequential: bool = True,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool = False,
+    task_weights: Sequence[float] | Mapping[str, float] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    progress: bool = True,
+    keep_grams: bool = False,
+    on_block_end: BlockCallback | None = None,
+) -> CalibrationRun:
+    """Quantize (or merge) ``model``'s linears in place, block by block.
+
+    Args:
+        model: the merged model (modified in place).
+        adapter: the family adapter (None: :func:`epmq.models.adapter_for`).
+        calib: task name → calibration batches (dicts of model inputs). Task order defines the
+            order of ``experts`` and ``task_weights`` given as sequences.
+        method: ``rtn``, ``gptq``, ``epmq`` or ``regmean`` (a merge, no rounding).
+        grid: the quantization grid; ``None`` with ``epmq`` writes the continuous target W*.
+        experts: one weight source per task (``ExpertWeights``, a safetensors folder, or a
+            state dict), as a sequence in task order or a mapping by task name.
+        alpha: E-PMQ anchor, ``λ = α · mean(diag Σ w_i H_i)`` per layer.
+        x_source: ``quantized``, ``merged`` or ``expert`` (see module docs).
+        target: ``expert`` or ``merged`` (E-PMQ ablation: targets ``W_m X_i``).
+        true_sequential: solve the adapter's linear groups one after another.
+        act_order, percdamp, block_size, static_groups: GPTQ settings.
+        task_weights: ``w_i`` per task (default 1 each).
+        checkpoint_dir: save each finished block there; a rerun resumes after the last one.
+        output: write the JSON record of the run there.
+        progress: show a tqdm bar over blocks.
+        keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
+            name, e.g. for a RegMean merge).
+        on_block_end: called with ``(stage name, block index)`` after each finished block.
+    """
+    start = time.perf_counter()
+    if adapter is None:
+        from epmq.models import adapter_for
+
+        adapter = adapter_for(model)
+    tasks = _check_calib(calib)
+    options = SolveOptions(
+        method=method,
+        grid=grid,
+        alpha=alpha,
+        target=target,
+        task_weights=_task_weights(task_weights, tasks),
+        act_order=act_order,
+        percdamp=percdamp,
+        block_size=block_size,
+        static_groups=static_groups,
+    )
+    options.validate()
+    if x_source not in X_SOURCES:
+        raise EpmqError(f"x_source must be one of {', '.join(X_SOURCES)}, got {x_source!r}")
+    expert_list = _experts(experts, tasks, required=method in NEEDS_EXPERTS or x_source == "expert")
+    check_finite_model(model)
+    stages = adapter.stages(model)
+    settings = _settings(options, x_source, true_sequential, tasks, calib, expert_list, stages)
+    checkpoint = BlockCheckpoint(checkpoint_dir, settings) if checkpoint_dir else None
+
+    model.eval()
+    run = CalibrationRun([], {}, settings, 0.0)
+    upfront = (
+        {s.name: _capture(model, adapter, s, calib) for s in stages} if x_source == "merged" else {}
+    )
+    total = sum(len(adapter.blocks(model, s)) for s in stages)
+    bar = tqdm(total=total, desc="calibrate", unit="block", disable=not progress)
+    expert_final: Streams | None = None
+    try:
+        for number, stage in enumerate(stages):
+            calls = upfront.get(stage.name) or _capture(model, adapter, stage, calib)
+            expert_calls = None
+            if x_source == "expert":
+                expert_calls = _link(model, adapter, stage, calls, expert_final, number)
+            for index, block in enumerate(adapter.blocks(model, stage)):
+                job = BlockJob(
+                    adapter, stage, index, block, tasks, expert_list, options, x_source,
+                    true_sequential, keep_grams,
+                )  # fmt: skip
+                bar.set_postfix_str(f"{stage.name}.{index}")
+                if checkpoint is not None and checkpoint.has(stage.name, index):
+                    weights, results, records = checkpoint.load(stage.name, index)
+                    calls, expert_calls = job.replay(calls, expert_calls, weights)
+                    run.resumed_blocks += 1
+                else:
+                    outcome, calls, expert_calls = job.run(calls, expert_calls)
+                    weights, results, records = outcome.weights, outcome.results, outcome.records
+                    run.grams.update(outcome.grams)
+                    if checkpoint is not None:
+                        checkpoint.save(stage.name, index, weights, results, records)
+                run.results.update(results)
+                run.layers.extend(records)
+                bar.update(1)
+                if on_block_end is not None:
+                    on_block_end(stage.name, index)
+            expert_final = expert_calls
+    finally:
+        bar.close()
+    run.seconds = time.perf_counter() - start
+    logger.info("calibrated %d linears in %.1fs", len(run.layers), run.seconds)
+    if output is not None:
+        run.write(output)
+    return run
+
+
+def _capture(
+    model: nn.Module, adapter: BlockAdapter, stage: Stage, calib: Mapping[str, Sequence[Batch]]
+) -> Streams:
+    return {
+        task: capture_stage_inputs(model, adapter, stage, batches, task)
+        for task, batches in calib.items()
+    }
+
+
+def _link(
+    model: nn.Module,
+    adapter: BlockAdapter,
+    stage: Stage,
+    calls: Streams,
+    previous: Streams | None,
+    number: int,
+) -> Streams:
+    """The expert stream's first-block inputs: the model's for stage 0, else linked."""
+    if number == 0 or previous is None:
+        return {task: list(task_calls) for task, task_calls in calls.items()}
+    linked: Streams = {}
+    for task, task_calls in calls.items():
+        linked[task] = []
+        for call, prev in zip(task_calls, previous[task], strict=True):
+            hidden = adapter.hidden_states(prev.args, prev.kwargs)
+            args, kwargs = adapter.link_stage(model, stage, hidden, call.args, call.kwargs)
+            linked[task].append(BlockCall(args, kwargs, call.mask))
+    return linked
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """Raise :class:`EpmqError` naming the first parameter holding NaN or Inf."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise EpmqError(f"merged model tensor {name!r} holds NaN or Inf; fix the merge first")
+
+
+def _check_calib(calib: Mapping[str, Sequence[Batch]]) -> list[str]:
+    if not isinstance(calib, Mapping) or not calib:
+        raise EpmqError("calibration data must map each task name to its batches")
+    for task, batches in calib.items():
+        if batches is None or len(batches) == 0:
+            raise EpmqError(f"task {task!r} has no calibration data")
+        for number, batch in enumerate(batches):
+            if not isinstance(batch, Mapping):
+                raise EpmqError(
+                    f"task {task!r}: calibration batch {number} is {type(batch).__name__}, "
+                    "expected a dict of model inputs"
+                )
+    return list(calib)
+
+
+def _task_weights(
+    weights: Sequence[float] | Mapping[str, float] | None, tasks: list[str]
+) -> list[float] | None:
+    if weights is None:
+        return None
+    if isinstance(weights, Mapping):
+        missing = [t for t in tasks if t not in weights]
+        if missing:
+            raise EpmqError(f"task_weights has no weight for task {missing[0]!r}")
+        values = [float(weights[t]) for t in tasks]
+    else:
+        values = [float(w) for w in weights]
+        if len(values) != len(tasks):
+            raise EpmqError(f"task_weights has {len(values)} entries for {len(tasks)} tasks")
+    for task, value in zip(tasks, values, strict=True):
+        if not value >= 0 or value == float("inf"):
+            raise EpmqError(f"task weight of task {task!r} must be finite and >= 0, got {value}")
+    return values
+
+
+def _experts(
+    experts: Sequence[ExpertSource] | Mapping[str, ExpertSource] | None,
+    tasks: list[str],
+    *,
+    required: bool,
+) -> list[ExpertWeights] | None:
+    if experts is None:
+        if required:
+            raise EpmqError("this method / x_source needs one expert per task (experts=...)")
+        return None
+    if isinstance(experts, Mapping) and not isinstance(experts, ExpertWeights):
+        missing = [t for t in tasks if t not in experts]
+        if missing:
+            raise EpmqError(f"no expert given for task {missing[0]!r}")
+        return [as_expert(experts[t], t) for t in tasks]
+    sources = list(experts)
+    if len(sources) != len(tasks):
+        raise EpmqError(f"{len(sources)} experts given for {len(tasks)} tasks ({', '.join(tasks)})")
+    return [as_expert(s, t) for s, t in zip(sources, tasks, strict=True)]
+
+
+def _settings(
+    options: SolveOptions,
+    x_source: str,
+    true_sequential: bool,
+    tasks: list[str],
+    calib: Mapping[str, Sequence[Batch]],
+    experts: list[ExpertWeights] | None,
+    stages: list[Stage],
+) -> dict[str, Any]:
+    grid = options.grid
+    return {
+        "method": options.method,
+        "grid": None
+        if grid is None
+        else {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric},
+        "alpha": options.alpha,
+        "target": options.target,
+        "x_source": x_source,
+        "true_sequential": true_sequential,
+        "act_order": options.act_order,
+        "percdamp": options.percdamp,
+        "block_size": options.block_size,
+        "static_groups": options.static_groups,
+        "task_weights": options.task_weights,
+        "tasks": {t: len(calib[t]) for t in tasks},
+        "experts": None if experts is None else [e.name for e in experts],
+        "stages": [[s.name, s.blocks_path] for s in stages],
+    }

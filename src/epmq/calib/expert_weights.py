@@ -1,0 +1,180 @@
+"""Expert weights read tensor by tensor: experts are never loaded whole.
+
+An :class:`ExpertWeights` source answers ``tensor(name)`` for a parameter name *of the merged
+model*. Expert checkpoints are often saved from a different class than the merged model
+(``BertModel`` → ``encoder.layer.0...`` vs ``BertForSequenceClassification`` →
+``bert.encoder.layer.0...``), so names are resolved by the longest unique suffix match; the
+prefix translation found for the first tensor is reused for the rest.
+
+Sources: :class:`SafetensorsExpert` (a folder with ``model.safetensors`` or sharded
+``*.safetensors`` + index, opened lazily with ``safe_open``) and :class:`StateDictExpert`
+(an in-memory state dict, for tests and small models).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from epmq.errors import EpmqError
+
+
+class ExpertWeights:
+    """Base class: a named expert whose tensors are read one at a time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._translation: tuple[int, str] | None = None  # (parts to drop, prefix to add)
+
+    # -- to implement ---------------------------------------------------------------------
+    def keys(self) -> Iterable[str]:
+        """The tensor names the expert holds (its own naming)."""
+        raise NotImplementedError
+
+    def _read(self, key: str) -> Tensor:
+        """Read one tensor by the expert's own name."""
+        raise NotImplementedError
+
+    # -- public ---------------------------------------------------------------------------
+    def resolve(self, name: str) -> str:
+        """The expert's key for the merged model's parameter ``name``."""
+        keys = self._key_set()
+        if name in keys:
+            return name
+        parts = name.split(".")
+        if self._translation is not None:
+            drop, prefix = self._translation
+            candidate = prefix + ".".join(parts[drop:])
+            if candidate in keys:
+                return candidate
+        for drop in range(len(parts) - 1):
+            suffix = ".".join(parts[drop:])
+            matches = [k for k in keys if k == suffix or k.endswith("." + suffix)]
+            if len(matches) == 1:
+                key = matches[0]
+                self._translation = (drop, key[: len(key) - len(suffix)])
+                return key
+            if len(matches) > 1:
+                raise EpmqError(
+                    f"expert {self.name!r}: tensor {name!r} is ambiguous "
+                    f"({', '.join(sorted(matches)[:3])} ...)"
+                )
+        raise EpmqError(
+            f"expert {self.name!r} has no tensor {name!r} (architecture differs from the model)"
+        )
+
+    def tensor(self, name: str, like: Tensor | None = None) -> Tensor:
+        """The expert's value of the merged model's parameter ``name``.
+
+        With ``like``, the shape must match (else :class:`EpmqError` naming expert and
+        tensor) and the result takes ``like``'s dtype.
+        """
+        value = self._read(self.resolve(name))
+        if like is not None:
+            if tuple(value.shape) != tuple(like.shape):
+                raise EpmqError(
+                    f"expert {self.name!r}: tensor {name!r} has shape {tuple(value.shape)}, "
+                    f"the model has {tuple(like.shape)} (architecture differs)"
+                )
+            value = value.to(like.dtype)
+        if not torch.isfinite(value).all():
+            raise EpmqError(f"expert {self.name!r}: tensor {name!r} holds NaN or Inf")
+        return value
+
+    def tensors(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The expert's values of every tensor in ``like`` (names of the merged model)."""
+        return {name: self.tensor(name, ref) for name, ref in like.items()}
+
+    def _key_set(self) -> set[str]:
+        cached = getattr(self, "_keys_cache", None)
+        if cached is None:
+            cached = set(self.keys())
+            self._keys_cache = cached
+        return cached
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class StateDictExpert(ExpertWeights):
+    """An expert held in memory as a state dict (tests, small models)."""
+
+    def __init__(self, state_dict: Mapping[str, Tensor], name: str = "expert") -> None:
+        super().__init__(name)
+        self._state = dict(state_dict)
+
+    def keys(self) -> Iterable[str]:
+        return self._state.keys()
+
+    def _read(self, key: str) -> Tensor:
+        return self._state[key].detach()
+
+
+class SafetensorsExpert(ExpertWeights):
+    """An expert saved as a Hugging Face folder of safetensors files, read lazily."""
+
+    def __init__(self, folder: str | Path, name: str | None = None) -> None:
+        folder = Path(folder)
+        super().__init__(name or folder.name)
+        self.folder = folder
+        self._key_to_file = self._index(folder)
+        self._handles: dict[Path, Any] = {}
+
+    def _index(self, folder: Path) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise EpmqError(f"expert {self.name!r}: {folder} is not a folder")
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise EpmqError(f"expert {self.name!r}: {index} has no weight_map") from exc
+            return {key: folder / file for key, file in weight_map.items()}
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise EpmqError(f"expert {self.name!r}: no *.safetensors files in {folder}")
+        from safetensors import safe_open
+
+        mapping: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    mapping[key] = file
+        return mapping
+
+    def keys(self) -> Iterable[str]:
+        return self._key_to_file.keys()
+
+    def _read(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        file = self._key_to_file[key]
+        handle = self._handles.get(file)
+        if handle is None:
+            if not file.is_file():
+                raise EpmqError(f"expert {self.name!r}: shard {file} is missing")
+            handle = safe_open(str(file), framework="pt")
+            self._handles[file] = handle
+        return handle.get_tensor(key)
+
+    def close(self) -> None:
+        """Drop the open file handles (they are reopened on demand)."""
+        self._handles.clear()
+
+
+def as_expert(
+    source: ExpertWeights | str | Path | Mapping[str, Tensor], name: str
+) -> ExpertWeights:
+    """Wrap a folder path or a state dict as an :class:`ExpertWeights` named ``name``."""
+    if isinstance(source, ExpertWeights):
+        return source
+    if isinstance(source, (str, Path)):
+        return SafetensorsExpert(source, name=name)
+    if isinstance(source, Mapping):
+        return StateDictExpert(source, name=name)
+    raise EpmqError(f"expert {name!r}: cannot read weights from {type(source).__name__}")

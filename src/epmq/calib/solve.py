@@ -1,0 +1,167 @@
+"""Step 3 of the lifecycle: solve one linear layer from its per-task statistics.
+
+Methods (``LayerProblem`` carries everything a solve needs):
+
+- ``rtn``: round to nearest (the Hessian only feeds the reported proxy loss).
+- ``gptq``: GPTQ of the merged weight under ``H = Σ_i w_i H_i`` (calibration drawn from every
+  task, each task's Gram normalised so every task weighs the same unless ``w_i`` says otherwise).
+- ``epmq``: GPTQ of the expert-guided target ``W*`` under ``H = Σ_i w_i H_i + λI``
+  (``epmq.quant.epmq``); with ``grid=None`` no rounding, ``W*`` itself is written (the
+  continuous target as a merge). ``target="merged"`` replaces every expert weight by the merged
+  weight (the "does expert guidance matter?" ablation; then ``W* = W_m``).
+- ``regmean``: the RegMean merge ``W = (Σ W_i G_i)(Σ G_i)⁻¹`` with the off-diagonals of every
+  ``G_i`` scaled by ``regmean_scale`` (no rounding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from epmq.errors import EpmqError
+from epmq.merging.methods.regmean import solve_regmean
+from epmq.quant import QuantGrid, QuantResult, epmq, epmq_target, gptq, proxy_loss, rtn
+
+METHODS = ("rtn", "gptq", "epmq", "regmean")
+NEEDS_EXPERTS = ("epmq", "regmean")
+
+
+@dataclass
+class SolveOptions:
+    """Solver settings shared by every layer of a run."""
+
+    method: str
+    grid: QuantGrid | None
+    alpha: float = 0.1
+    target: str = "expert"
+    task_weights: Sequence[float] | None = None
+    act_order: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    static_groups: bool = False
+    regmean_scale: float = 0.95
+
+    def validate(self) -> None:
+        """Raise :class:`EpmqError` on an inconsistent combination."""
+        if self.method not in METHODS:
+            raise EpmqError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.target not in ("expert", "merged"):
+            raise EpmqError(f"target must be 'expert' or 'merged', got {self.target!r}")
+        if self.grid is None and self.method in ("rtn", "gptq"):
+            raise EpmqError(f"method {self.method!r} needs a quantization grid")
+        if self.alpha < 0 or not torch.isfinite(torch.tensor(float(self.alpha))):
+            raise EpmqError(f"alpha must be a finite number >= 0, got {self.alpha}")
+
+
+@dataclass
+class LayerProblem:
+    """One linear layer: merged weight, per-task Grams (and crosses), experts' weights."""
+
+    name: str
+    merged: Tensor
+    grams: list[Tensor]
+    crosses: list[Tensor] | None
+    experts: list[Tensor] | None
+
+
+@dataclass
+class LayerSolution:
+    """The weight to write back, the quantization result (None for merges), the figures."""
+
+    weight: Tensor
+    result: QuantResult | None
+    proxy_loss: float
+    damping: float
+    damping_retries: int
+    seconds: float
+
+
+def weighted_sum(grams: Sequence[Tensor], weights: Sequence[float] | None) -> Tensor:
+    """``Σ_i w_i H_i`` (``w_i = 1`` without weights)."""
+    total = torch.zeros_like(grams[0])
+    for i, gram in enumerate(grams):
+        total += gram if weights is None else weights[i] * gram
+    return total
+
+
+def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
+    """Solve ``problem`` with ``options.method``."""
+    w_m = problem.merged.float()
+    hessian = weighted_sum(problem.grams, options.task_weights)
+    method = options.method
+    if method in ("rtn", "gptq"):
+        assert options.grid is not None
+        if method == "rtn":
+            result = rtn(w_m, options.grid, hessian=hessian)
+        else:
+            result = gptq(w_m, hessian, options.grid, **_gptq_kwargs(options))
+        return _from_result(result)
+    if problem.experts is None:
+        raise EpmqError(f"method {method!r} needs the experts' weights for {problem.name!r}")
+    if method == "regmean":
+        return _regmean(problem, options.regmean_scale)
+    experts = problem.experts if options.target == "expert" else [w_m] * len(problem.experts)
+    crosses = problem.crosses if options.target == "expert" else None
+    if options.grid is None:
+        start = time.perf_counter()
+        w_star, h = epmq_target(
+            experts,
+            problem.grams,
+            w_m,
+            alpha=options.alpha,
+            task_weights=options.task_weights,
+            cross=crosses,
+        )
+        loss = proxy_loss(w_star, w_m, h)
+        return LayerSolution(w_star, None, loss, 0.0, 0, time.perf_counter() - start)
+    result = epmq(
+        experts,
+        problem.grams,
+        w_m,
+        options.grid,
+        alpha=options.alpha,
+        task_weights=options.task_weights,
+        cross=crosses,
+        **_gptq_kwargs(options),
+    )
+    return _from_result(result)
+
+
+def _gptq_kwargs(options: SolveOptions) -> dict[str, object]:
+    return {
+        "block_size": options.block_size,
+        "percdamp": options.percdamp,
+        "act_order": options.act_order,
+        "static_groups": options.static_groups,
+    }
+
+
+def _from_result(result: QuantResult) -> LayerSolution:
+    return LayerSolution(
+        result.weight,
+        result,
+        float(result.proxy_loss),
+        float(result.damping),
+        int(result.damping_retries),
+        float(result.seconds),
+    )
+
+
+def _regmean(problem: LayerProblem, scale: float) -> LayerSolution:
+    """RegMean merge of one layer (the solver of :mod:`epmq.merging.methods.regmean`)."""
+    assert problem.experts is not None
+    start = time.perf_counter()
+    weight = regmean_layer(problem.experts, problem.grams, scale, problem.name)
+    return LayerSolution(weight, None, float("nan"), 0.0, 0, time.perf_counter() - start)
+
+
+def regmean_layer(
+    experts: Sequence[Tensor], grams: Sequence[Tensor], scale: float, name: str = ""
+) -> Tensor:
+    """``W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹``, off-diagonals of each ``G_i`` scaled by ``scale``."""
+    stacked = torch.stack([w.float() for w in experts])
+    return solve_regmean(stacked, list(grams), scale, name)
