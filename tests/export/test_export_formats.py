@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from export_gptq_reference import autogptq_pack_rows
 
 from epmq.errors import EpmqError
 from epmq.export import check_weight, get_format, gptq_format
@@ -185,3 +186,15 @@ def test_check_weight_names_the_bad_field() -> None:
     result.scales[0, 0] *= 2  # parts no longer match the dequantized weight
     with pytest.raises(EpmqError, match=r"enc\.fc\.weight: does not equal"):
         check_weight("enc.fc", result)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_tensors_match_autogptq_packer(bits: int) -> None:
+    """qweight and qzeros equal AutoGPTQ's loops (qzeros: zeros - 1 packed along `out`)."""
+    w = torch.randn(64, IN, generator=torch.Generator().manual_seed(bits))
+    q = check_weight("m", rtn(w, QuantGrid(bits, 32, symmetric=True)))
+    ours = gptq_format.pack_module(q)
+    qweight = autogptq_pack_rows(q.codes.t().numpy(), bits)
+    qzeros = autogptq_pack_rows((q.zeros - 1).numpy(), bits).T
+    assert torch.equal(ours["qweight"], torch.from_numpy(qweight))
+    assert torch.equal(ours["qzeros"], torch.from_numpy(qzeros.copy()))
