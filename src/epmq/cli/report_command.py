@@ -12,7 +12,9 @@ from epmq.cli.app import app
 
 @app.command("report")
 def report(
-    results_json: Annotated[Path, typer.Argument(help="An experiment's results JSON file.")],
+    results_json: Annotated[
+        Path, typer.Argument(metavar="RESULTS.json", help="An experiment's results JSON file.")
+    ],
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output folder (default: 'report' beside RESULTS_JSON)."),

@@ -333,12 +333,12 @@ def render_markdown(
     return text
 
 
-def write_report(results: Results, out_dir: str | Path, *, force: bool = False) -> list[Path]:
+def write_report(results: Results, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write ``report.md``, ``results.json`` and the PNG plots into ``out_dir``.
 
     Every file is written atomically. Without ``force`` nothing is written when any of these
     files already exists; with ``force`` they are replaced, and a plot file left from an
-    earlier run whose plot is now skipped is removed.
+    earlier run whose plot is now skipped is removed. Returns the path of ``report.md``.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -350,15 +350,13 @@ def write_report(results: Results, out_dir: str | Path, *, force: bool = False) 
                 f"output {out / existing[0]} already exists; pass --force to overwrite it"
             )
     plots = build_plots(results)
-    written = [write_json(out / RESULTS_FILE, results.model_dump(mode="json"), force=force)]
+    write_json(out / RESULTS_FILE, results.model_dump(mode="json"), force=force)
     for plot in plots:
         if plot.png is not None:
-            written.append(write_bytes(out / plot.filename, plot.png, force=force))
+            write_bytes(out / plot.filename, plot.png, force=force)
         else:
             (out / plot.filename).unlink(missing_ok=True)
-    report = render_markdown(results, plots=plots)
-    written.append(write_text(out / REPORT_FILE, report, force=force))
-    return written
+    return write_text(out / REPORT_FILE, render_markdown(results, plots=plots), force=force)
 
 
 __all__ = [
