@@ -29,7 +29,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from epmq.errors import EpmqError
-from epmq.export import export_checkpoint, gptq_format
+from epmq.export import export_checkpoint, gptq_format, read_summary
 from epmq.export.sizes import unique_state_dict
 from epmq.quant import QuantGrid, QuantResult, gptq, rtn
 
@@ -141,6 +141,7 @@ def test_float16_export_tolerance_and_size(tmp_path: Path) -> None:
     assert summary.weights_bytes == (tmp_path / "ct16" / "model.safetensors").stat().st_size
     assert summary.ratio_vs_float16 < 0.5  # 14 of 15 linears at 4 bits
     assert "vs float16" in summary.report()
+    assert read_summary(tmp_path / "ct16") == summary  # the demo's view of a written folder
 
     reference = dequantized_reference(model, results, scale_dtype=torch.float16)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct16", dtype=torch.float32).eval()
@@ -170,7 +171,8 @@ def test_gptq_checkpoint_layout_with_act_order(tmp_path: Path) -> None:
     assert any(
         not torch.equal(r.g_idx, torch.arange(r.g_idx.numel()) // 32) for r in results.values()
     )
-    export_checkpoint(model, results, tmp_path / "gptq", format="gptq")
+    summary = export_checkpoint(model, results, tmp_path / "gptq", format="gptq")
+    assert read_summary(tmp_path / "gptq") == summary
     tensors = load_file(str(tmp_path / "gptq" / "model.safetensors"))
     for name, r in results.items():
         assert f"{name}.weight" not in tensors

@@ -14,6 +14,7 @@ from epmq.export.sizes import (
     float16_checkpoint_bytes,
     folder_files,
     format_bytes,
+    read_summary,
     safetensors_bytes,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "get_format",
     "pack_int32",
     "packed_length",
+    "read_summary",
     "register_format",
     "safetensors_bytes",
     "unpack_int32",

@@ -126,3 +126,67 @@ def folder_files(path: str | Path) -> dict[str, int]:
     return {
         str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+# tensors that replace a quantized module's ``weight``, per layout
+_PACKED_PARTS = {
+    "weight_packed": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"),
+    "qweight": ("qweight", "qzeros", "scales", "g_idx"),
+}
+
+
+def read_summary(out_dir: str | Path) -> ExportSummary:
+    """Sizes of an exported folder, read back from disk (no model needed).
+
+    The float16 reference size is rebuilt from the checkpoint itself: every quantized module
+    (``weight_packed`` or ``qweight``) counts as a float16 ``weight`` of its original shape.
+    """
+    from safetensors import safe_open
+
+    root = Path(out_dir)
+    files = folder_files(root)
+    shapes: dict[str, torch.Tensor] = {}
+    bits: set[int] = set()
+    n_quantized = 0
+    for file in sorted(root.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+            for key in sorted(keys):
+                module, _, local = key.rpartition(".")
+                if local not in _PACKED_PARTS:
+                    continue
+                n_quantized += 1
+                for part in _PACKED_PARTS[local]:
+                    keys.discard(f"{module}.{part}")
+                if local == "weight_packed":
+                    out_f, in_f = (int(v) for v in handle.get_tensor(f"{module}.weight_shape"))
+                    words = handle.get_slice(key).get_shape()[1]
+                else:
+                    in_f = handle.get_slice(f"{module}.g_idx").get_shape()[0]
+                    words, out_f = handle.get_slice(key).get_shape()
+                bits.add(round(words * 32 / in_f))
+                shapes[f"{module}.weight"] = torch.empty(out_f, in_f, device="meta")
+            for key in keys:
+                sl = handle.get_slice(key)
+                dtype = _dtype_of(sl.get_dtype())
+                shapes[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+    config = root / "config.json"
+    qconfig = (
+        json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    )
+    fmt = "dequantized" if not qconfig else str(qconfig.get("quant_method", "unknown"))
+    return ExportSummary(
+        out_dir=root,
+        format=fmt,
+        n_quantized=n_quantized,
+        bits=tuple(sorted(bits)),
+        files=files,
+        float16_bytes=safetensors_bytes(shapes, {"format": "pt"}, dtype=torch.float16),
+    )
+
+
+def _dtype_of(code: str) -> torch.dtype:
+    for dtype, name in _SAFETENSORS_DTYPES.items():
+        if name == code:
+            return dtype
+    return torch.float32
