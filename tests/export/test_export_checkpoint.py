@@ -246,6 +246,10 @@ def test_user_mistakes_name_the_module(tmp_path: Path) -> None:
     wrong = {"model.layers.0.self_attn.k_proj": results[name]}  # k_proj is [32, 64]
     with pytest.raises(EpmqError, match=r"k_proj\.codes: shape"):
         export_checkpoint(model, wrong, out, format="compressed-tensors")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie them
+    tied = {"lm_head": rtn(model.lm_head.weight.detach(), QuantGrid(4, 32))}
+    with pytest.raises(EpmqError, match=r"lm_head\.weight is tied to model\.embed_tokens\.weight"):
+        export_checkpoint(model, tied, out, format="gptq")
     reordered = quantize_model(model, ("lm_head",), QuantGrid(4, 32), act_order=True)
     with pytest.raises(EpmqError, match="act-order"):
         export_checkpoint(model, reordered, out, format="compressed-tensors")

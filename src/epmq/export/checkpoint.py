@@ -57,6 +57,9 @@ def check_results(
     if not results:
         raise EpmqError("export: 'results' is empty; nothing was quantized")
     modules = dict(model.named_modules())
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(param.data_ptr(), []).append(pname)
     checked: dict[str, QuantizedWeight] = {}
     for name, result in results.items():
         module = modules.get(name)
@@ -66,6 +69,12 @@ def check_results(
             raise EpmqError(
                 f"export: module {name!r} is a {type(module).__name__}; only nn.Linear "
                 "weights can be exported quantized"
+            )
+        tied = [n for n in owners.get(module.weight.data_ptr(), []) if n != f"{name}.weight"]
+        if tied:
+            raise EpmqError(
+                f"export: {name}.weight is tied to {', '.join(tied)}; a tied weight cannot be "
+                "stored quantized (leave the module out of results, or untie it first)"
             )
         checked[name] = check_weight(name, result, tuple(module.weight.shape))
     return checked
