@@ -65,15 +65,20 @@ class MergePlan:
         if density is None:
             return
         names = [n for n in self.selected if self.is_merged(n)]
+        checked: set[str] = set()  # NaN/Inf checks on the first of the two passes only
 
         def task_vectors(name: str) -> Iterator[torch.Tensor]:
+            check = name not in checked
+            checked.add(name)
             dtype = _work_dtype(self.base_meta[name].dtype)
             base_t = base(name)
-            check_finite(base_t, "base", name)
+            if check:
+                check_finite(base_t, "base", name)
             base_t = base_t.to(dtype)
             for label, load in zip(self.expert_names, experts, strict=True):
                 tensor = load(name)
-                check_finite(tensor, label, name)
+                if check:
+                    check_finite(tensor, label, name)
                 yield tensor.to(dtype) - base_t
 
         self.thresholds = global_thresholds(names, task_vectors, self.num_experts, density)

@@ -21,11 +21,13 @@ MERGE_FUNCS = ("mean", "sum")
 
 def elect_signs(taus: torch.Tensor) -> torch.Tensor:
     """Per-entry elected sign (-1, 0 or +1) of stacked task vectors ``(K, ...)``."""
-    sign = torch.sign(taus.sum(0))
+    sign = taus.sum(0).sign_()
     undecided = sign == 0
     if bool(undecided.any()):
-        majority = (taus > 0).sum(0) - (taus < 0).sum(0)
-        sign = torch.where(undecided, torch.sign(majority).to(sign.dtype), sign)
+        majority = torch.zeros_like(sign)
+        for tau in taus:  # one temporary at a time rather than (K, ...) masks
+            majority.add_(torch.sign(tau))
+        sign = torch.where(undecided, majority.sign_(), sign)
     return sign
 
 

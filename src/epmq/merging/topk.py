@@ -15,12 +15,13 @@ exact value. The result equals ``torch.kthvalue`` over the concatenation of all 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit is 0)
 _LO_BINS = 1 << 16
+_CHUNK = 1 << 22  # entries per histogram update: bounds the temporaries to ~16 MiB each
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -37,8 +38,10 @@ def tensor_threshold(tau: torch.Tensor, density: float) -> float:
     return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
 
 
-def _bits(tau: torch.Tensor) -> torch.Tensor:
-    return tau.detach().reshape(-1).float().abs().contiguous().view(torch.int32).long()
+def _bit_chunks(tau: torch.Tensor) -> Iterator[torch.Tensor]:
+    """|tau| as int32 bit patterns, in chunks (monotone in the value for non-negative floats)."""
+    for chunk in tau.detach().reshape(-1).split(_CHUNK):
+        yield chunk.float().abs().view(torch.int32)
 
 
 def global_thresholds(
@@ -56,10 +59,10 @@ def global_thresholds(
     total = 0
     for name in names:
         for i, tau in enumerate(task_vectors(name)):
-            bits = _bits(tau)
-            hi[i] += torch.bincount(bits >> 16, minlength=_HI_BINS)
+            for bits in _bit_chunks(tau):
+                hi[i] += torch.bincount(bits >> 16, minlength=_HI_BINS)
             if i == 0:
-                total += bits.numel()
+                total += tau.numel()
     k = keep_count(density, total)
     if k == 0:
         return tuple(math.inf for _ in range(num_tasks))
@@ -74,9 +77,9 @@ def global_thresholds(
     lo = torch.zeros(num_tasks, _LO_BINS, dtype=torch.long)
     for name in names:
         for i, tau in enumerate(task_vectors(name)):
-            bits = _bits(tau)
-            inside = bits[(bits >> 16) == bins[i]]
-            lo[i] += torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+            for bits in _bit_chunks(tau):
+                inside = bits[(bits >> 16) == bins[i]]
+                lo[i] += torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
     thresholds = []
     for i in range(num_tasks):
         from_top_lo = lo[i].flip(0).cumsum(0)
