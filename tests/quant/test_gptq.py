@@ -103,11 +103,8 @@ def optimum(w: Tensor, h: Tensor, grid: QuantGrid, scale: Tensor, zero: Tensor) 
     cols = w.shape[1]
     levels = range(grid.maxq + 1)
     codes = torch.tensor(list(itertools.product(levels, repeat=cols)), dtype=w.dtype)
-    total = 0.0
-    for r in range(w.shape[0]):
-        d = scale[r] * (codes - zero[r]) - w[r]
-        total += float(((d @ h) * d).sum(dim=1).min())
-    return total
+    d = scale[:, None, None] * (codes - zero[:, None, None]) - w[:, None, :]  # [out, combos, in]
+    return float(torch.einsum("rci,ij,rcj->rc", d, h, d).min(dim=1).values.sum())
 
 
 @pytest.mark.parametrize("cols", [3, 4])
@@ -205,3 +202,12 @@ def test_bad_hessians_and_options_raise() -> None:
         gptq(w, torch.eye(8), QuantGrid(4), percdamp=-1.0)
     with pytest.raises(EpmqError, match="does not divide"):
         gptq(w, torch.eye(8), QuantGrid(4, 3))
+
+
+def test_parameters_that_require_grad_are_not_tracked(make_layer: Callable) -> None:
+    w, _, h = make_layer(4, 16, seed=11, dtype=torch.float32)
+    param = torch.nn.Parameter(w.clone())
+    res = gptq(param, h, QuantGrid(4))
+    assert not res.weight.requires_grad and res.weight.grad_fn is None
+    assert torch.equal(res.codes, gptq(w, h, QuantGrid(4)).codes)
+    assert torch.equal(param, w)  # the input is never modified

@@ -93,3 +93,10 @@ def test_mistakes_are_reported() -> None:
     with pytest.raises(EpmqError, match="missing 'count'"):
         GramAccumulator.from_state_dict({"gram_sum": torch.eye(3)})
     assert acc.count == 0  # failed adds left no trace
+
+
+def test_inputs_that_require_grad_are_detached() -> None:
+    x = tokens(8).float().requires_grad_(True)
+    acc = GramAccumulator(6)
+    acc.add(x * 2)
+    assert not acc.gram.requires_grad

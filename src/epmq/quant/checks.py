@@ -28,8 +28,13 @@ def check_finite(t: Tensor, name: str) -> None:
         raise EpmqError(f"{name} contains Inf")
 
 
-def as_matrix(t: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-    """Validate a 2-D floating tensor and return it as ``dtype`` (a copy only if needed)."""
+def as_matrix(
+    t: Tensor, name: str, dtype: torch.dtype, device: torch.device | None = None
+) -> Tensor:
+    """Validate a 2-D floating tensor; return it detached, as ``dtype`` on ``device``.
+
+    No copy is made when dtype and device already match; callers clone before writing.
+    """
     if not isinstance(t, Tensor):
         raise EpmqError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
@@ -39,12 +44,14 @@ def as_matrix(t: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     if t.numel() == 0:
         raise EpmqError(f"{name} is empty (shape {tuple(t.shape)})")
     check_finite(t, name)
-    return t.to(dtype)
+    return t.detach().to(device=device, dtype=dtype)
 
 
-def as_square(t: Tensor, name: str, dim: int, dtype: torch.dtype) -> Tensor:
+def as_square(
+    t: Tensor, name: str, dim: int, dtype: torch.dtype, device: torch.device | None = None
+) -> Tensor:
     """Validate a [dim, dim] matrix (a Hessian, Gram or cross statistic)."""
-    t = as_matrix(t, name, dtype)
+    t = as_matrix(t, name, dtype, device)
     if t.shape != (dim, dim):
         raise EpmqError(f"{name} must have shape ({dim}, {dim}), got {tuple(t.shape)}")
     return t

@@ -65,7 +65,8 @@ def gptq(
     dtype = working_dtype(weight, hessian)
     w_target = as_matrix(weight, "weight", dtype)
     rows, cols = w_target.shape
-    h_target = as_square(hessian, "hessian", cols, dtype)
+    dev = w_target.device  # everything runs where the weight lives
+    h_target = as_square(hessian, "hessian", cols, dtype, dev)
     _check_options(h_target, block_size, percdamp, max_damping_retries)
     n_groups = grid.n_groups(cols)
     gs = cols if grid.group_size == -1 else grid.group_size
@@ -76,8 +77,8 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    scales = torch.empty(rows, n_groups, dtype=dtype)
-    zeros = torch.empty(rows, n_groups, dtype=dtype)
+    scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
+    zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
     fixed = static_groups or grid.group_size == -1  # groups fitted once, on the original W
     if fixed:
         for g in range(n_groups):
@@ -95,7 +96,7 @@ def gptq(
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty(rows, i2 - i1, dtype=dtype)
+        Err1 = torch.empty(rows, i2 - i1, dtype=dtype, device=dev)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i  # position in processing order
@@ -116,11 +117,11 @@ def gptq(
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy update of later columns
 
     if fixed:
-        g_idx = torch.arange(cols) // gs
+        g_idx = torch.arange(cols, device=dev) // gs
     else:
-        g_idx = torch.empty(cols, dtype=torch.long)
-        order = perm if perm is not None else torch.arange(cols)
-        g_idx[order] = torch.arange(cols) // gs  # column perm[j] belongs to group j // gs
+        g_idx = torch.empty(cols, dtype=torch.long, device=dev)
+        order = perm if perm is not None else torch.arange(cols, device=dev)
+        g_idx[order] = torch.arange(cols, device=dev) // gs  # column perm[j] is in group j // gs
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     g_idx = g_idx.to(torch.int32)

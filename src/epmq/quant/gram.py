@@ -23,17 +23,25 @@ class GramAccumulator:
         dim: input features of the layer.
         dtype: accumulation dtype (float32 default, float64 on request).
         cross: also accumulate the cross statistic; :meth:`add` then needs ``x_cross``.
+        device: where the sums live (default CPU); batches are moved there.
     """
 
-    def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32, cross: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        cross: bool = False,
+        device: torch.device | str | None = None,
+    ):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise EpmqError(f"GramAccumulator: dim must be a positive int, got {dim!r}")
         if dtype not in (torch.float32, torch.float64):
             raise EpmqError(f"GramAccumulator: dtype must be float32 or float64, got {dtype}")
         self.dim = dim
         self.dtype = dtype
-        self._gram_sum = torch.zeros(dim, dim, dtype=dtype)
-        self._cross_sum = torch.zeros(dim, dim, dtype=dtype) if cross else None
+        self._gram_sum = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self._cross_sum = torch.zeros(dim, dim, dtype=dtype, device=device) if cross else None
         self._count = 0
 
     def add(self, x: Tensor, x_cross: Tensor | None = None) -> None:
@@ -67,7 +75,7 @@ class GramAccumulator:
                 f"GramAccumulator.add: {name} must have last dim {self.dim}, "
                 f"got shape {tuple(x.shape)}"
             )
-        rows = x.reshape(-1, self.dim).to(device=self._gram_sum.device, dtype=self.dtype)
+        rows = x.detach().reshape(-1, self.dim).to(device=self._gram_sum.device, dtype=self.dtype)
         check_finite(rows, f"GramAccumulator input {name}")
         return rows
 
@@ -101,9 +109,9 @@ class GramAccumulator:
                 f"cross={self._cross_sum is not None}) vs ({other.dim}, "
                 f"cross={other._cross_sum is not None})"
             )
-        self._gram_sum.add_(other._gram_sum.to(self.dtype))
+        self._gram_sum.add_(other._gram_sum.to(self._gram_sum))
         if self._cross_sum is not None and other._cross_sum is not None:
-            self._cross_sum.add_(other._cross_sum.to(self.dtype))
+            self._cross_sum.add_(other._cross_sum.to(self._cross_sum))
         self._count += other._count
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -124,7 +132,12 @@ class GramAccumulator:
             raise EpmqError(
                 f"GramAccumulator state gram_sum is not square: {tuple(gram_sum.shape)}"
             )
-        acc = cls(gram_sum.shape[0], dtype=gram_sum.dtype, cross="cross_sum" in state)
+        acc = cls(
+            gram_sum.shape[0],
+            dtype=gram_sum.dtype,
+            cross="cross_sum" in state,
+            device=gram_sum.device,
+        )
         acc._gram_sum = gram_sum.clone()
         if acc._cross_sum is not None:
             if state["cross_sum"].shape != gram_sum.shape:

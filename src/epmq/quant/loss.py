@@ -21,5 +21,6 @@ def proxy_loss(q: Tensor, w: Tensor, hessian: Tensor) -> float:
             f"proxy_loss: hessian must be ({w.shape[1]}, {w.shape[1]}), got {tuple(hessian.shape)}"
         )
     dtype = torch.float64 if torch.float64 in (q.dtype, w.dtype, hessian.dtype) else torch.float32
-    d = q.to(dtype) - w.to(dtype)
-    return float(((d @ hessian.to(dtype)) * d).sum(dtype=torch.float64))
+    d = q.detach().to(dtype) - w.detach().to(device=q.device, dtype=dtype)
+    h = hessian.detach().to(device=q.device, dtype=dtype)
+    return float(((d @ h) * d).sum(dtype=torch.float64))

@@ -23,17 +23,18 @@ def rtn(weight: Tensor, grid: QuantGrid, hessian: Tensor | None = None) -> Quant
     w = as_matrix(weight, "weight", dtype)
     rows, cols = w.shape
     n_groups = grid.n_groups(cols)
-    h = None if hessian is None else as_square(hessian, "hessian", cols, dtype)
+    dev = w.device
+    h = None if hessian is None else as_square(hessian, "hessian", cols, dtype, dev)
 
     width = cols if grid.group_size == -1 else grid.group_size
-    scales = torch.empty(rows, n_groups, dtype=dtype)
-    zeros = torch.empty(rows, n_groups, dtype=dtype)
-    codes = torch.empty(rows, cols, dtype=dtype)
+    scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
+    zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
+    codes = torch.empty(rows, cols, dtype=dtype, device=dev)
     for g in range(n_groups):
         cols_g = slice(g * width, (g + 1) * width)
         scales[:, g], zeros[:, g] = grid.fit(w[:, cols_g])
         codes[:, cols_g] = grid.quantize(w[:, cols_g], scales[:, g], zeros[:, g])
-    g_idx = (torch.arange(cols) // width).to(torch.int32)
+    g_idx = (torch.arange(cols, device=dev) // width).to(torch.int32)
     q = dequantize_codes(codes, scales, zeros, g_idx)
     return QuantResult(
         weight=q,

@@ -75,19 +75,20 @@ def epmq_target(
     dtype = working_dtype(merged_weight, *expert_weights, *grams, *(cross or []))
     w_m = as_matrix(merged_weight, "merged_weight", dtype)
     rows, cols = w_m.shape
+    dev = w_m.device  # experts and grams are moved (one at a time) to the merged weight's device
 
     # S = sum_i w_i H_i and B = sum_i w_i W_i H_i (or W_i C_i), accumulated in place.
-    s = torch.zeros(cols, cols, dtype=dtype)
-    b = torch.zeros(rows, cols, dtype=dtype)
+    s = torch.zeros(cols, cols, dtype=dtype, device=dev)
+    b = torch.zeros(rows, cols, dtype=dtype, device=dev)
     for i in range(k):
-        w_i = as_matrix(expert_weights[i], f"expert_weights[{i}]", dtype)
+        w_i = as_matrix(expert_weights[i], f"expert_weights[{i}]", dtype, dev)
         if w_i.shape != w_m.shape:
             raise EpmqError(
                 f"expert_weights[{i}] has shape {tuple(w_i.shape)}, "
                 f"merged_weight has {tuple(w_m.shape)}"
             )
-        h_i = as_square(grams[i], f"grams[{i}]", cols, dtype)
-        c_i = h_i if cross is None else as_square(cross[i], f"cross[{i}]", cols, dtype)
+        h_i = as_square(grams[i], f"grams[{i}]", cols, dtype, dev)
+        c_i = h_i if cross is None else as_square(cross[i], f"cross[{i}]", cols, dtype, dev)
         s.add_(h_i, alpha=weights[i])
         b.addmm_(w_i, c_i, alpha=weights[i])
 
