@@ -3,8 +3,8 @@
 An :class:`ExpertWeights` source answers ``tensor(name)`` for a parameter name *of the merged
 model*. Expert checkpoints are often saved from a different class than the merged model
 (``BertModel`` → ``encoder.layer.0...`` vs ``BertForSequenceClassification`` →
-``bert.encoder.layer.0...``), so names are resolved by the longest unique suffix match; the
-prefix translation found for the first tensor is reused for the rest.
+``bert.encoder.layer.0...``), so names are resolved by the longest unique suffix match that
+differs only in a leading, number-free prefix; the translation found is reused for the rest.
 
 Sources: :class:`SafetensorsExpert` (a folder with ``model.safetensors`` or sharded
 ``*.safetensors`` + index, opened lazily with ``safe_open``) and :class:`StateDictExpert`
@@ -52,7 +52,11 @@ class ExpertWeights:
             candidate = prefix + ".".join(parts[drop:])
             if candidate in keys:
                 return candidate
-        for drop in range(len(parts) - 1):
+        # Only a leading prefix free of numbers may differ ("bert.", "model."): never drop
+        # a block index, or a missing layer-0 tensor would resolve to layer 1's.
+        numeric = [i for i, part in enumerate(parts) if part.isdigit()]
+        max_drop = numeric[0] if numeric else len(parts) - 1
+        for drop in range(max_drop + 1):
             suffix = ".".join(parts[drop:])
             matches = [k for k in keys if k == suffix or k.endswith("." + suffix)]
             if len(matches) == 1:

@@ -1,0 +1,78 @@
+"""Expert weight sources: lazy safetensors folders (sharded or not), prefix resolution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from calib_fixtures import Setup
+from safetensors.torch import save_file
+
+from epmq.calib import SafetensorsExpert, StateDictExpert, quantize_model
+from epmq.errors import EpmqError
+from epmq.models.bert import BertAdapter
+from epmq.quant import QuantGrid
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder, prefix: str = "") -> None:
+    folder.mkdir(parents=True)
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for number, chunk in enumerate((names[:half], names[half:])):
+        file = f"model-0000{number + 1}-of-00002.safetensors"
+        save_file({prefix + n: state[n].contiguous() for n in chunk}, str(folder / file))
+        weight_map.update({prefix + n: file for n in chunk})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_prefix_is_resolved_both_ways() -> None:
+    w = torch.randn(3, 3)
+    prefixed = StateDictExpert({"bert.encoder.layer.0.x.weight": w}, "a")
+    assert prefixed.resolve("encoder.layer.0.x.weight") == "bert.encoder.layer.0.x.weight"
+    bare = StateDictExpert({"encoder.layer.0.x.weight": w}, "b")
+    assert bare.resolve("bert.encoder.layer.0.x.weight") == "encoder.layer.0.x.weight"
+    with pytest.raises(EpmqError, match=r"expert 'b' has no tensor 'encoder\.layer\.1"):
+        bare.tensor("encoder.layer.1.x.weight")
+
+
+def test_nan_in_expert_is_named() -> None:
+    expert = StateDictExpert({"l.weight": torch.tensor([[float("inf")]])}, "hot")
+    with pytest.raises(EpmqError, match=r"'hot'.*'l\.weight'.*NaN or Inf"):
+        expert.tensor("l.weight")
+
+
+def test_sharded_folder_reads_lazily(setup: Setup, tmp_path) -> None:
+    folder = tmp_path / "expert"
+    save_sharded(setup.experts[0], folder, prefix="bert.")
+    expert = SafetensorsExpert(folder)
+    assert expert.name == "expert"
+    name = "encoder.layer.1.output.dense.weight"
+    assert torch.equal(expert.tensor(name), setup.experts[0][name])
+    assert len(expert._handles) == 1  # only the shard holding that tensor was opened
+
+
+def test_run_from_folders_equals_run_from_state_dicts(setup: Setup, tmp_path) -> None:
+    folders = []
+    for i, state in enumerate(setup.experts):
+        folder = tmp_path / f"e{i}"
+        if i == 0:
+            save_sharded(state, folder, prefix="bert.")
+        else:
+            folder.mkdir()
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors")
+            )
+        folders.append(folder)
+    kwargs = dict(method="epmq", grid=QuantGrid(4), alpha=0.1, progress=False)
+    a, b = setup.merged(), setup.merged()
+    quantize_model(a, BertAdapter(), setup.calib, experts=setup.experts, **kwargs)
+    quantize_model(b, BertAdapter(), setup.calib, experts=folders, **kwargs)
+    for (name, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_folder_without_safetensors(tmp_path) -> None:
+    with pytest.raises(EpmqError, match=r"no \*\.safetensors"):
+        SafetensorsExpert(tmp_path, name="empty")
