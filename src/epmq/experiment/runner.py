@@ -1,0 +1,249 @@
+"""Run an experiment: merge the experts, quantize every merge, evaluate every model, report.
+
+The loop follows FusionBench's program (model pool → algorithm → task pool → report), for
+post-merge quantization: for each merge of the plan, build the full-precision merge once, then
+every quantized variant from a fresh copy of it through the calibration engine, evaluating each
+model on every task as soon as it exists (so memory holds one merge and one variant at a time).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
+from epmq.experiment.config import ExperimentConfig, MergeSpec
+from epmq.experiment.plan import SWEEP, Variant, plan_experiment
+from epmq.experiment.workload import Workload
+
+log = logging.getLogger(__name__)
+
+Announce = Callable[[str], None]
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    workload: Workload,
+    *,
+    progress: bool = False,
+    announce: Announce = print,
+) -> Results:
+    """Evaluate every variant of ``config`` on ``workload`` and return the results."""
+    torch.manual_seed(config.seed)
+    results = Results.new(
+        suite=workload.name,
+        tasks=workload.tasks,
+        settings={"config": config.model_dump(mode="json"), "workload": workload.settings},
+        seed=config.seed,
+    )
+    results.timings.update(workload.timings)
+    started = time.perf_counter()
+
+    base = workload.load_encoder(workload.base_dir).eval()
+    if workload.probe_heads:
+        _add_row(
+            results,
+            Row(name="pretrained (linear probe)", kind="pretrained", accuracy={}),
+            workload.evaluate(base, workload.probe_heads, workload.tasks),
+            announce,
+        )
+    _add_row(
+        results,
+        Row(name="experts", kind="expert", accuracy={}),
+        _expert_accuracy(workload),
+        announce,
+    )
+
+    variants = plan_experiment(config)
+    for merge in config.merges:
+        merged = _build_merge(merge, base, workload, config, progress)
+        for variant in [v for v in variants if v.merge == merge.method]:
+            clock = time.perf_counter()
+            model = (
+                merged
+                if variant.kind == "merged"
+                else _quantized_copy(merged, variant, workload, config, progress)
+            )
+            accuracy = workload.evaluate(model, workload.heads, workload.tasks)
+            seconds = time.perf_counter() - clock
+            if variant.sweep == SWEEP:
+                results.sweeps.setdefault(ALPHA_SWEEP, []).append(_sweep_point(variant, accuracy))
+                announce(f"  sweep {variant.name}: {100 * _mean(accuracy):.1f}")
+            else:
+                _add_row(results, _row(variant, seconds), accuracy, announce, seconds)
+    _collect_sweep_from_rows(results, config)
+    results.timings["experiment"] = time.perf_counter() - started
+    return results
+
+
+def _mean(accuracy: dict[str, float]) -> float:
+    return sum(accuracy.values()) / len(accuracy)
+
+
+def _add_row(
+    results: Results,
+    row: Row,
+    accuracy: dict[str, float],
+    announce: Announce,
+    seconds: float | None = None,
+) -> None:
+    row.accuracy = accuracy
+    results.add(row)
+    took = "" if seconds is None else f"  ({seconds:.1f}s)"
+    announce(f"  {row.name}: average {100 * average(row):.1f}{took}")
+
+
+def _expert_accuracy(workload: Workload) -> dict[str, float]:
+    """Each task's expert on its own task."""
+    accuracy: dict[str, float] = {}
+    for task in workload.tasks:
+        expert = workload.load_encoder(workload.expert_dirs[task]).eval()
+        accuracy.update(workload.evaluate(expert, workload.heads, [task]))
+        del expert
+    return accuracy
+
+
+def _row(variant: Variant, seconds: float) -> Row:
+    return Row(
+        name=variant.name,
+        kind=variant.kind,  # type: ignore[arg-type]
+        merge=variant.merge,
+        quantizer=variant.quantizer if variant.kind == "quantized" else None,  # type: ignore[arg-type]
+        bits=variant.bits if variant.kind == "quantized" else None,
+        group_size=None if variant.group_size in (None, -1) else variant.group_size,
+        alpha=variant.alpha,
+        x_source=variant.x_source,  # type: ignore[arg-type]
+        target=variant.target,  # type: ignore[arg-type]
+        accuracy={},
+        seconds=seconds,
+    )
+
+
+def _sweep_point(variant: Variant, accuracy: dict[str, float]) -> SweepPoint:
+    return SweepPoint(
+        merge=variant.merge,
+        bits=variant.bits,
+        group_size=None if variant.group_size in (None, -1) else variant.group_size,
+        quantizer="epmq",
+        target=variant.target,  # type: ignore[arg-type]
+        x_source=variant.x_source,  # type: ignore[arg-type]
+        alpha=variant.alpha,
+        average=_mean(accuracy),
+    )
+
+
+def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None:
+    """Table rows that are also sweep points (deduplicated in the plan) join the sweep."""
+    q = config.quantization
+    if not q.alpha_sweep:
+        return
+    bits, group = min(q.bits), q.group_sizes[0]
+    group_size = None if group == -1 else group
+    sweep = results.sweeps.setdefault(ALPHA_SWEEP, [])
+    for row in results.find(kind="quantized", quantizer="epmq", bits=bits, group_size=group_size):
+        if row.x_source == q.x_source and row.alpha in q.alpha_sweep:
+            sweep.append(
+                SweepPoint(
+                    merge=row.merge,
+                    bits=bits,
+                    group_size=group_size,
+                    quantizer="epmq",
+                    target=row.target,
+                    x_source=row.x_source,
+                    alpha=row.alpha,
+                    average=average(row),
+                )
+            )
+    sweep.sort(key=lambda p: (p.merge or "", p.target or "", p.alpha or 0.0))
+
+
+def _build_merge(
+    merge: MergeSpec, base: nn.Module, workload: Workload, config: ExperimentConfig, progress: bool
+) -> nn.Module:
+    """The full-precision merge of the experts into a copy of the base encoder."""
+    from epmq.calib import quantize_model
+    from epmq.merging import merge as merge_state_dicts
+
+    experts = {t: workload.load_encoder(d).state_dict() for t, d in workload.expert_dirs.items()}
+    # RegMean is data-driven: non-linear parameters are averaged here, then the calibration
+    # engine collects per-task Grams block by block and solves RegMean for every linear.
+    method, params = ("average", {}) if merge.method == "regmean" else (merge.method, merge.params)
+    state = merge_state_dicts(
+        base.state_dict(),
+        list(experts.values()),
+        method,
+        include=merge.include,
+        exclude=merge.exclude,
+        expert_names=list(experts),
+        **params,
+    )
+    model = copy.deepcopy(base)
+    model.load_state_dict(state)
+    del experts, state
+    if merge.method == "regmean":
+        quantize_model(
+            model,
+            None,
+            workload.calibration,
+            method="regmean",
+            experts=_expert_sources(workload),
+            progress=progress,
+        )
+    return model.eval()
+
+
+def _expert_sources(workload: Workload) -> list:
+    from epmq.calib import SafetensorsExpert
+
+    return [SafetensorsExpert(workload.expert_dirs[t], name=t) for t in workload.tasks]
+
+
+def _quantized_copy(
+    merged: nn.Module,
+    variant: Variant,
+    workload: Workload,
+    config: ExperimentConfig,
+    progress: bool,
+) -> nn.Module:
+    """A copy of ``merged`` rounded (or retargeted) as ``variant`` says."""
+    from epmq.calib import quantize_model
+    from epmq.quant import QuantGrid
+
+    q = config.quantization
+    model = copy.deepcopy(merged)
+    grid = None
+    if variant.kind == "quantized":
+        grid = QuantGrid(
+            bits=variant.bits or 4, group_size=variant.group_size or -1, symmetric=q.symmetric
+        )
+    needs_experts = variant.quantizer == "epmq" or variant.kind == "target"
+    quantize_model(
+        model,
+        None,
+        workload.calibration,
+        method=variant.quantizer or "epmq",
+        grid=grid,
+        experts=_expert_sources(workload) if needs_experts else None,
+        alpha=variant.alpha if variant.alpha is not None else q.alpha,
+        x_source=variant.x_source or "quantized",
+        target=variant.target or "expert",
+        true_sequential=q.true_sequential,
+        act_order=q.act_order,
+        percdamp=q.percdamp,
+        block_size=q.block_size,
+        progress=progress,
+    )
+    return model.eval()
+
+
+def write_outputs(results: Results, out_dir: Path, *, force: bool) -> Path:
+    """Write the report (Markdown, JSON, plots) into ``out_dir`` atomically."""
+    from epmq.eval.report import write_report
+
+    return write_report(results, out_dir, force=force)

@@ -1,0 +1,78 @@
+"""One experiment from start to report: workload, runner, outputs, in that order.
+
+Shared by ``epmq run CONFIG.yaml`` and ``epmq demo``: checks the output folder before any
+work (no overwrite without ``force``), builds the workload, runs every variant, and writes the
+report folder atomically (a run killed half-way leaves no folder that looks complete).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from epmq.atomic import output_dir, refuse_existing, write_text
+from epmq.errors import EpmqError
+from epmq.eval.results import Results
+from epmq.experiment.config import ExperimentConfig
+from epmq.experiment.runner import run_experiment
+from epmq.experiment.workload import Workload, suite_workload
+
+
+def build_workload(
+    config: ExperimentConfig,
+    *,
+    quick: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> Workload:
+    """The workload a config names (today: a built-in suite)."""
+    if config.suite is None:
+        raise EpmqError(
+            "configs with your own 'base'/'experts'/'tasks' are validated but not runnable yet; "
+            "use a built-in 'suite' (see `epmq demo --help`)"
+        )
+    return suite_workload(
+        config.suite,
+        quick=quick,
+        cache_dir=cache_dir,
+        eval_batch_size=config.evaluation.batch_size,
+        max_test=config.evaluation.max_test,
+        progress=progress,
+    )
+
+
+def run_session(
+    config: ExperimentConfig,
+    *,
+    quick: bool = False,
+    cache_dir: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    announce: Callable[[str], None] = print,
+) -> tuple[Results, Path]:
+    """Run ``config`` end to end and write its report; returns the results and the folder."""
+    out = Path(config.output.dir)
+    force = force or config.output.force
+    refuse_existing(out, force)
+    started = time.perf_counter()
+    announce(f"epmq: preparing workload {config.suite or config.name!r}")
+    workload = build_workload(config, quick=quick, cache_dir=cache_dir, progress=progress)
+    announce(f"epmq: {len(workload.tasks)} tasks: {', '.join(workload.tasks)}")
+    results = run_experiment(config, workload, progress=False, announce=announce)
+    results.timings["total"] = time.perf_counter() - started
+    from epmq.eval.report import render_markdown, write_report
+
+    with output_dir(out, force=force) as partial:
+        write_report(results, partial, force=True)
+        write_text(partial / "config.yaml", _config_yaml(config))
+    announce("")
+    announce(render_markdown(results).split("\n## ")[0])
+    announce(f"epmq: report written to {out}")
+    return results, out
+
+
+def _config_yaml(config: ExperimentConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
