@@ -1,0 +1,167 @@
+"""Llama-style decoders: ``LlamaForCausalLM`` / ``LlamaModel``, and Mistral, Qwen2 (same layout).
+
+One stage: ``model.layers.N`` (``layers.N`` for the bare ``*Model``). Each decoder layer is
+called as ``layer(hidden_states, attention_mask=causal_mask, position_embeddings=(cos, sin),
+position_ids=..., past_key_values=..., use_cache=...)`` and returns the new hidden states; the
+causal mask and the rotary ``position_embeddings`` (from ``model.rotary_emb``) are captured as
+the model computes them and replayed unchanged for every layer; the cache is switched off.
+Linears per block in true-sequential order: ``self_attn.{q,k,v}_proj``, ``self_attn.o_proj``,
+``mlp.{gate,up}_proj``, ``mlp.down_proj``.
+
+Models whose layers use different attention masks (Qwen2 with sliding-window layers mixed with
+full-attention layers, ``config.layer_types``) are refused: every layer replays the first
+layer's mask.
+
+Evaluation for classification: :func:`score_continuations` picks, per prompt, the label text
+whose continuation tokens have the highest log-likelihood.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epmq.errors import EpmqError
+from epmq.models.adapter import Batch, BlockAdapter, Stage, register_adapter
+
+_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@register_adapter
+class LlamaAdapter(BlockAdapter):
+    """Adapter for Llama-style decoders (one stage: the decoder's layer list)."""
+
+    family = "llama"
+    model_types = MODEL_TYPES
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            raise EpmqError(
+                f"model {type(model).__name__}: config field 'layer_types' mixes "
+                f"{', '.join(sorted(set(layer_types)))} layers; only models whose layers share "
+                "one attention mask are supported"
+            )
+        for path in ("model.layers", "layers"):
+            try:
+                blocks = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList):
+                return [Stage("decoder", path)]
+        raise EpmqError(f"model {type(model).__name__} has no decoder layers list (model.layers)")
+
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        present = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        groups = [[n for n in group if n in present] for group in _GROUPS]
+        groups = [g for g in groups if g]
+        listed = {n for g in groups for n in g}
+        return groups + [[n] for n in present if n not in listed]
+
+    def run_model(self, model: nn.Module, batch: Batch) -> None:
+        """Run the model without a cache (``labels`` are dropped: no loss is needed)."""
+        if "input_ids" not in batch and "inputs_embeds" not in batch:
+            raise EpmqError(
+                f"Llama calibration batch has no 'input_ids' (keys: {', '.join(batch)})"
+            )
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        model(**inputs, use_cache=False)
+
+    @staticmethod
+    def load(path: str | Path, **kwargs: Any) -> nn.Module:
+        """:func:`load_llama`."""
+        return load_llama(path, **kwargs)
+
+
+def load_llama(path: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a Llama / Mistral / Qwen2 causal LM from a local folder (no hub access), in eval
+    mode, with ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except ValueError as exc:
+        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from exc
+    if model_type not in MODEL_TYPES:
+        raise EpmqError(
+            f"{config_file}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    model.eval()
+    return model
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+@torch.no_grad()
+def continuation_log_likelihoods(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    label_texts: Sequence[str],
+) -> Tensor:
+    """``[len(prompts), len(label_texts)]``: summed log-probabilities of each continuation.
+
+    The prompt is tokenized with the tokenizer's special tokens (e.g. BOS), the label text
+    without, and the label's tokens are scored after the prompt's. The label texts of one
+    prompt run as one right-padded batch.
+    """
+    if not label_texts:
+        raise EpmqError("score_continuations: label_texts is empty")
+    conts = [_ids(tokenizer, text, special=False) for text in label_texts]
+    for text, ids in zip(label_texts, conts, strict=True):
+        if not ids:
+            raise EpmqError(f"label text {text!r} tokenizes to nothing")
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    device = next(model.parameters()).device
+    rows = []
+    for prompt in prompts:
+        head = _ids(tokenizer, prompt, special=True)
+        if not head:
+            raise EpmqError(f"prompt {prompt!r} tokenizes to nothing")
+        seqs = [head + cont for cont in conts]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).logits
+        logp = logits.float().log_softmax(-1).cpu()
+        scores = []
+        for row, cont in enumerate(conts):
+            positions = torch.arange(len(head) - 1, len(head) - 1 + len(cont))
+            scores.append(logp[row, positions, torch.tensor(cont)].sum())
+        rows.append(torch.stack(scores))
+    return torch.stack(rows)
+
+
+def score_continuations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    label_texts: Sequence[str],
+) -> Tensor:
+    """Predicted label index per prompt: the continuation with the highest log-likelihood."""
+    return continuation_log_likelihoods(model, tokenizer, prompts, label_texts).argmax(dim=1)
