@@ -277,3 +277,29 @@ def test_engine_quantizes_clip_vision() -> None:
             pairs = zip(outputs(models[key], batches), outputs(expert, batches), strict=True)
             errors[key[0]] = sum(float(((a - b) ** 2).sum()) for a, b in pairs)
         assert errors["epmq"] < 0.8 * errors["gptq"]
+
+
+# -- registry ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [CLIPVisionModel, CLIPModel])
+def test_registry_detects_and_loads_clip(cls: type, tmp_path) -> None:
+    from epmq.models.registry import adapter_for_folder, detect_family, load_model
+
+    make(cls).save_pretrained(tmp_path)
+    assert detect_family(tmp_path) == "clip"
+    assert isinstance(adapter_for_folder(tmp_path), ClipVisionAdapter)
+    model, adapter = load_model(tmp_path)
+    assert type(model) is cls and isinstance(adapter, ClipVisionAdapter)
+
+
+def test_legacy_prefixed_vision_expert_resolves(tmp_path) -> None:
+    # FusionBench-style CLIPVisionModel folders name tensors "vision_model.encoder.layers..."
+    from safetensors.torch import save_file
+
+    from epmq.calib import SafetensorsExpert
+
+    model = make(CLIPVisionModel)
+    state = {f"vision_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    expert = SafetensorsExpert(tmp_path)
+    name = "encoder.layers.1.mlp.fc1.weight"
+    assert torch.equal(expert.tensor(name), model.state_dict()[name])

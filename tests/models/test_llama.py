@@ -4,6 +4,7 @@ and the engine on tiny experts."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -265,3 +266,52 @@ def test_engine_quantizes_llama(tmp_path) -> None:
             pairs = zip(hidden(model, batches), hidden(expert, batches), strict=True)
             errors[method] = sum(float(((a - b) ** 2).sum()) for a, b in pairs)
         assert errors["epmq"] < 0.8 * errors["gptq"]
+
+
+# -- registry ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("model_type", "family"),
+    [
+        ("bert", "bert"),
+        ("roberta", "bert"),
+        ("clip", "clip"),
+        ("clip_vision_model", "clip"),
+        ("t5", "t5"),
+        ("llama", "llama"),
+        ("mistral", "llama"),
+        ("qwen2", "llama"),
+    ],
+)
+def test_registry_maps_model_types(model_type: str, family: str, tmp_path) -> None:
+    from epmq.models.registry import adapter_for_folder, detect_family
+
+    (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    assert detect_family(tmp_path) == family
+    assert adapter_for_folder(tmp_path).family == family
+
+
+def test_registry_loads_llama(tmp_path) -> None:
+    from epmq.models.registry import load_model
+
+    make(MistralForCausalLM).save_pretrained(tmp_path)
+    model, adapter = load_model(tmp_path)
+    assert type(model) is MistralForCausalLM and isinstance(adapter, LlamaAdapter)
+
+
+def test_registry_rejects_unknown_and_broken_folders(tmp_path) -> None:
+    from epmq.models.registry import adapter_class, detect_family
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(EpmqError, match=rf"{folder}.*'gpt2'.*clip_vision_model.*qwen2"):
+        detect_family(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(EpmqError, match="not valid JSON"):
+        detect_family(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": []}')
+    with pytest.raises(EpmqError, match="model_type"):
+        detect_family(tmp_path)
+    with pytest.raises(EpmqError, match=r"no config\.json"):
+        detect_family(tmp_path / "missing")
+    with pytest.raises(EpmqError, match="unknown model family 'gpt'"):
+        adapter_class("gpt")

@@ -314,3 +314,13 @@ def test_engine_quantizes_both_stages() -> None:
             pairs = zip(logits(done[key], batches), logits(expert, batches), strict=True)
             errors[key[0]] = sum(float(((a - b) ** 2).sum()) for a, b in pairs)
         assert errors["epmq"] < 0.8 * errors["gptq"]
+
+
+def test_registry_detects_and_loads_t5(tmp_path) -> None:
+    from epmq.models.registry import adapter_for_folder, detect_family, load_model
+
+    make().save_pretrained(tmp_path)
+    assert detect_family(tmp_path) == "t5"
+    assert isinstance(adapter_for_folder(tmp_path), T5Adapter)
+    model, adapter = load_model(tmp_path)
+    assert type(model) is T5ForConditionalGeneration and isinstance(adapter, T5Adapter)
