@@ -324,3 +324,21 @@ def test_registry_detects_and_loads_t5(tmp_path) -> None:
     assert isinstance(adapter_for_folder(tmp_path), T5Adapter)
     model, adapter = load_model(tmp_path)
     assert type(model) is T5ForConditionalGeneration and isinstance(adapter, T5Adapter)
+
+
+def test_expert_stream_links_decoder_to_normed_encoder_output() -> None:
+    # Experts equal to the merged model: with correctly linked expert activations the cross
+    # terms equal the Grams, so E-PMQ's continuous target W* is W_m and nothing moves. A
+    # decoder fed the un-normed encoder output would move the cross-attention k/v weights.
+    from epmq.calib import quantize_model
+
+    base = make(seed=8)
+    state = base.state_dict()
+    calib = {"low": [batch(seed=10, low=2, high=50)], "high": [batch(seed=12, low=50, high=100)]}
+    model = with_state(base, state)
+    quantize_model(
+        model, T5Adapter(), calib, method="epmq", grid=None, experts=[state, state],
+        alpha=1e-3, x_source="expert", progress=False,
+    )  # fmt: skip
+    after = model.state_dict()
+    assert max(float((after[k] - state[k]).abs().max()) for k in state) < 1e-2
