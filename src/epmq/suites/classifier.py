@@ -104,11 +104,11 @@ def load_tokenizer(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(path)
 
 
-def load_head(expert_dir: str | Path) -> nn.Linear:
-    """The expert's linear head from ``<expert_dir>/head.safetensors`` (weight, bias)."""
+def load_head(expert_dir: str | Path, name: str = "head") -> nn.Linear:
+    """The linear head in ``<expert_dir>/<name>.safetensors`` (tensors weight, bias)."""
     from safetensors.torch import load_file
 
-    file = Path(expert_dir) / HEAD_FILE
+    file = Path(expert_dir) / f"{name}.safetensors"
     if not file.is_file():
         raise EpmqError(f"{file}: head file not found (expected tensors 'weight' and 'bias')")
     tensors = load_file(str(file))

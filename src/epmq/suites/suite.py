@@ -8,7 +8,10 @@ settings only loads. Cache root: the ``cache_dir`` argument, else ``$EPMQ_CACHE/
 
     settings.json                 # the settings that made the key
     experts/<task>/               # one expert folder per task (see epmq.suites.classifier)
-    probes.safetensors            # "<task>.weight" / "<task>.bias": pretrained linear probes
+    probes/<task>.safetensors     # "weight" / "bias": linear probe on the pretrained encoder
+
+The ``tasks`` setting (which tasks a suite holds) is not part of the key: every cached file
+belongs to one task, so a suite restricted to some tasks shares its experts with the full one.
 
 Every expert folder and the probe file are written atomically, so an interrupted run resumes
 from the experts already finished.
@@ -42,7 +45,7 @@ from epmq.suites.training import (
     train_probe,
 )
 
-PROBES_FILE = "probes.safetensors"
+UNKEYED_SETTINGS = ("tasks",)
 # Settings every trainable suite has; suites add their own (data sizes, model, ...).
 TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -132,7 +135,8 @@ class Suite:
 
     @property
     def key(self) -> str:
-        return settings_key(self._settings)
+        """Hash of the settings that shape the cached models (all but ``tasks``)."""
+        return settings_key({k: v for k, v in self._settings.items() if k not in UNKEYED_SETTINGS})
 
     @property
     def cache_path(self) -> Path:
@@ -268,45 +272,22 @@ class Suite:
         probes = self._prepare_probes(progress)
         return SuiteModels(self.base_dir, root, expert_dirs, probes, records)
 
+    def probe_file(self, task: str | Task) -> Path:
+        return self.cache_path / "probes" / f"{self.task(task).name}.safetensors"
+
     def _prepare_probes(self, progress: bool) -> dict[str, nn.Linear]:
-        file = self.cache_path / PROBES_FILE
-        names = set(self.task_names)
-        if file.is_file():
-            heads = _load_probes(file)
-            if names <= set(heads):
-                return {t.name: heads[t.name] for t in self.tasks}
-        encoder = self.load_encoder()
+        todo = [t for t in self.tasks if not self.probe_file(t).is_file()]
+        encoder = self.load_encoder() if todo else None
         config = self._probe_config()
-        heads = {}
-        for task in tqdm(self.tasks, desc=f"{self.name} probes", disable=not progress):
-            limit = self._settings["probe_examples"]
+        limit = self._settings["probe_examples"]
+        for task in tqdm(todo, desc=f"{self.name} probes", disable=not progress or not todo):
             features = encode_features(encoder, self.tokenizer, task, "train", limit=limit)
             labels = torch.as_tensor(task.train.labels[:limit], dtype=torch.long)
-            heads[task.name] = train_probe(features, labels, task.num_classes, config)
-        tensors = {}
-        for name, head in heads.items():
-            tensors.update({f"{name}.{k}": v for k, v in classifier.head_tensors(head).items()})
-        save_tensors(file, tensors, metadata={"suite": self.name, "key": self.key})
-        return heads
+            head = train_probe(features, labels, task.num_classes, config)
+            meta = {"suite": self.name, "key": self.key, "task": task.name}
+            save_tensors(self.probe_file(task), classifier.head_tensors(head), metadata=meta)
+        return {t.name: classifier.load_head(self.probe_file(t).parent, t.name) for t in self.tasks}
 
 
 def _is_expert(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / classifier.HEAD_FILE).is_file()
-
-
-def _load_probes(file: Path) -> dict[str, nn.Linear]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(file))
-    heads = {}
-    for key in tensors:
-        name, _, part = key.rpartition(".")
-        if part != "weight" or f"{name}.bias" not in tensors:
-            continue
-        weight, bias = tensors[key], tensors[f"{name}.bias"]
-        head = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            head.bias.copy_(bias)
-        heads[name] = head.eval()
-    return heads
