@@ -179,9 +179,26 @@ def test_bad_inputs_name_the_tensor() -> None:
         epmq_target(e, gr, bad_m, alpha=0.1)
     with pytest.raises(EpmqError, match=r"grams\[0\] must have shape"):
         epmq_target(e, [gr[0][:3, :3], gr[1]], m, alpha=0.1)
-    singular = [torch.zeros_like(g) for g in gr]
-    singular[0][0, 0] = 1.0
-    with pytest.raises(EpmqError, match="not positive definite"):
-        epmq_target(e, singular, m, alpha=0.0)
     with pytest.raises(EpmqError, match="activation energy"):
         epmq_target(e, [torch.zeros_like(g) for g in gr], m, alpha=0.1)
+
+
+def test_singular_h_at_alpha_zero_recovers_with_a_logged_ridge(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # alpha = 0 with only input 0 ever active: S is rank 1, so H needs a ridge. The ridge
+    # anchors to W_m, so the dead inputs' columns of W* are W_m's, and the live column is the
+    # RegMean solution restricted to it.
+    torch.manual_seed(0)
+    e = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
+    m = torch.randn(4, 3, dtype=torch.float64)
+    singular = [torch.zeros(3, 3, dtype=torch.float64) for _ in range(2)]
+    singular[0][0, 0], singular[1][0, 0] = 1.0, 3.0
+    with caplog.at_level("WARNING"):
+        w_star, h = epmq_target(e, singular, m, alpha=0.0)
+    assert "added ridge" in caplog.text
+    assert torch.isfinite(w_star).all()
+    assert bool(torch.linalg.cholesky_ex(h).info == 0)
+    torch.testing.assert_close(w_star[:, 1:], m[:, 1:])
+    regmean_col0 = (e[0][:, 0] * 1.0 + e[1][:, 0] * 3.0) / 4.0
+    torch.testing.assert_close(w_star[:, 0], regmean_col0, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ alpha -> 0 (without rounding) gives the RegMean merge (sum_i W_i H_i)(sum_i H_i)
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -32,6 +33,11 @@ from epmq.quant.checks import as_matrix, as_square, working_dtype
 from epmq.quant.gptq import gptq
 from epmq.quant.grid import QuantGrid
 from epmq.quant.result import QuantResult
+
+logger = logging.getLogger(__name__)
+
+MIN_RIDGE = 1e-6  # first ridge tried on a singular H, relative to mean(diag S)
+MAX_RIDGE_RETRIES = 6  # ridge grows x10 per retry: up to 1e-1 * mean(diag S)
 
 
 def epmq_target(
@@ -54,8 +60,9 @@ def epmq_target(
         cross: optional ``C_i = X_i^expert X_i^T / n_i`` (expert-activation targets).
 
     Float64 inputs give float64 outputs, otherwise float32. The solve uses a Cholesky
-    factorisation of H (no explicit inverse). Raises :class:`EpmqError` naming the tensor
-    on bad shapes, NaN/Inf, or a singular H (alpha = 0 with rank-deficient Grams).
+    factorisation of H (no explicit inverse). A singular H (alpha = 0 with rank-deficient
+    Grams) gets the smallest ridge that makes it positive definite, logged. Raises
+    :class:`EpmqError` naming the tensor on bad shapes or NaN/Inf.
     """
     k = len(expert_weights)
     if k == 0:
@@ -101,11 +108,29 @@ def epmq_target(
     b.add_(w_m, alpha=lam)
 
     # W* H = B  <=>  H W*^T = B^T (H symmetric): Cholesky H = L L^T, two triangular solves.
+    # A singular H (alpha = 0 with rank-deficient Grams: fewer tokens than inputs, dead
+    # inputs) gets the smallest ridge that makes it positive definite, starting at
+    # MIN_RIDGE * mean(diag S) and growing x10; the run logs it. H keeps the ridge.
     chol, info = torch.linalg.cholesky_ex(h)
+    ridge = MIN_RIDGE
+    for _ in range(MAX_RIDGE_RETRIES):
+        if int(info) == 0:
+            break
+        h.diagonal().add_(ridge * mean_diag)
+        b.add_(w_m, alpha=ridge * mean_diag)  # the ridge anchors to W_m like lam does
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            logger.warning(
+                "epmq_target: H not positive definite at alpha=%g; added ridge %g * mean(diag)",
+                alpha,
+                ridge,
+            )
+            break
+        ridge *= 10
     if int(info) != 0:
         raise EpmqError(
             f"epmq_target: H = sum_i w_i grams[i] + lam I is not positive definite "
-            f"(alpha={alpha:g}); use alpha > 0"
+            f"(alpha={alpha:g}) even with a ridge of {ridge / 10:g} * mean(diag); use alpha > 0"
         )
     target = torch.cholesky_solve(b.T, chol).T.contiguous()
     return target, h
