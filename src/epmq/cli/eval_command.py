@@ -1,0 +1,145 @@
+"""``epmq eval``: test accuracy of an encoder folder on every task of a suite.
+
+    epmq eval --suite text8 --model DIR [--max-test N] [--json FILE] [--force]
+
+``--model`` is a Hugging Face encoder folder: an expert, a merge, or a quantized export
+(``dequantized`` or ``compressed-tensors``; a ``gptq`` folder needs a GPU runtime and is
+refused). The shared encoder is evaluated with each task's own expert head (from
+``suite.prepare()``, trained on first use and cached), and a table of accuracies is printed;
+``--json`` also writes them, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from epmq.cli.app import app
+from epmq.errors import EpmqError
+
+LOADABLE = ("compressed-tensors",)
+
+
+def quantization_method(folder: Path) -> str | None:
+    """``quantization_config.quant_method`` of the folder's config.json (None: plain float)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise EpmqError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from None
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    if not qconfig:
+        return None
+    return str(qconfig.get("quant_method", "unknown")) if isinstance(qconfig, dict) else "unknown"
+
+
+def load_encoder(suite: Any, folder: Path) -> Any:
+    """The suite's encoder from ``folder``; compressed-tensors folders are dequantized on load
+    (transformers 5.23 needs ``CompressedTensorsConfig(dequantize=True)`` for asymmetric ones,
+    and it gives plain float ``Linear`` weights for symmetric ones as well)."""
+    method = quantization_method(folder)
+    if method is None:
+        return suite.load_encoder(folder)
+    if method not in LOADABLE:
+        raise EpmqError(
+            f"{folder}: a {method!r} checkpoint cannot be evaluated here; export it as "
+            "'compressed-tensors' or 'dequantized'"
+        )
+    from transformers import BertModel, CompressedTensorsConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = BertModel.from_pretrained(
+            folder,
+            add_pooling_layer=False,
+            quantization_config=CompressedTensorsConfig(dequantize=True),
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.eval()
+
+
+def evaluate_folder(
+    suite: Any, folder: Path, *, max_test: int | None, batch_size: int, progress: bool
+) -> dict[str, float]:
+    """Accuracy per task of the encoder in ``folder`` with the suite's expert heads."""
+    models = suite.prepare(progress=progress)
+    heads = {task: suite.load_head(models.expert_dirs[task]) for task in suite.task_names}
+    encoder = load_encoder(suite, folder)
+    return suite.evaluate(encoder, heads, batch_size=batch_size, max_examples=max_test)
+
+
+def average(accuracy: dict[str, float]) -> float:
+    return sum(accuracy.values()) / len(accuracy)
+
+
+def format_table(accuracy: dict[str, float]) -> str:
+    """Task and accuracy (%) per line, then the average."""
+    width = max(len("average"), *(len(t) for t in accuracy))
+    rows = [f"{'task':<{width}}  accuracy"]
+    rows += [f"{task:<{width}}  {100 * acc:7.2f}%" for task, acc in accuracy.items()]
+    rows.append(f"{'average':<{width}}  {100 * average(accuracy):7.2f}%")
+    return "\n".join(rows)
+
+
+@app.command("eval")
+def eval_command(
+    suite: Annotated[str | None, typer.Option("--suite", help="Suite name (text8, tiny).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Encoder folder.")] = None,
+    max_test: Annotated[
+        int | None, typer.Option("--max-test", help="First N test examples per task.")
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the accuracies here.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json.")] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Suite cache root (experts, probes).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The suite's quick settings.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch.")] = 128,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate an encoder folder on every task of a suite with the per-task expert heads."""
+    from epmq.atomic import refuse_existing, write_json
+    from epmq.suites import get_suite
+
+    for flag, value in (("--suite", suite), ("--model", model)):
+        if value is None:
+            raise EpmqError(f"{flag} is required")
+    assert suite is not None and model is not None
+    if not model.is_dir():
+        raise EpmqError(f"--model folder {model} does not exist")
+    if max_test is not None and max_test < 1:
+        raise EpmqError(f"--max-test must be >= 1, got {max_test}")
+    if batch_size < 1:
+        raise EpmqError(f"--batch-size must be >= 1, got {batch_size}")
+    if json_file is not None:
+        refuse_existing(json_file, force)
+    quantization_method(model)  # a broken folder fails before the suite is prepared
+    the_suite = get_suite(suite, cache_dir=cache_dir, quick=quick)
+    accuracy = evaluate_folder(
+        the_suite, model, max_test=max_test, batch_size=batch_size, progress=progress
+    )
+    typer.echo(format_table(accuracy))
+    if json_file is not None:
+        data = {
+            "suite": the_suite.name,
+            "suite_key": the_suite.key,
+            "model": str(model),
+            "max_test": max_test,
+            "accuracy": accuracy,
+            "average": average(accuracy),
+        }
+        write_json(json_file, data)
+        typer.echo(f"wrote {json_file}")
