@@ -1,0 +1,79 @@
+"""The whole pipeline on the tiny stand-in suite: experts → merges → quantizers → report."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from epmq.errors import EpmqError
+from epmq.eval.results import average, load_results
+from epmq.experiment.config import parse_config
+from epmq.experiment.session import run_session
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("suite-cache")
+
+
+def _config(out: Path) -> object:
+    return parse_config(
+        {
+            "name": "tiny-pipeline",
+            "suite": "tiny",
+            "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+            "quantization": {
+                "methods": ["rtn", "gptq", "epmq"],
+                "bits": [8, 3],
+                "alpha": 0.1,
+                "alpha_sweep": [0.1, 10.0],
+            },
+            "output": {"dir": str(out)},
+        }
+    )
+
+
+def test_pipeline_writes_a_report_with_every_variant(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    lines: list[str] = []
+    results, folder = run_session(
+        _config(out), quick=True, cache_dir=cache_dir, progress=False, announce=lines.append
+    )
+    assert folder == out
+    assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "config.yaml"}
+    saved = load_results(out / "results.json")
+    assert [r.name for r in saved.rows] == [r.name for r in results.rows]
+
+    kinds = [r.kind for r in results.rows]
+    assert kinds[:3] == ["pretrained", "expert", "merged"]
+    assert kinds.count("target") == 1
+    quantized = results.find(kind="quantized")
+    assert {(r.quantizer, r.bits) for r in quantized} == {
+        (q, b) for q in ("rtn", "gptq", "epmq") for b in (8, 3)
+    }
+    merged = results.find(kind="merged")[0]
+    target = results.find(kind="target")[0]
+    for row in results.find(kind="quantized", bits=8):
+        # 8-bit rounding barely moves a model: every task within a few examples of what was
+        # rounded (the merge for RTN/GPTQ, the continuous target W* for E-PMQ).
+        reference = target if row.quantizer == "epmq" else merged
+        for task, acc in row.accuracy.items():
+            assert abs(acc - reference.accuracy[task]) <= 0.05, (row.name, task)
+    sweep = results.sweeps["alpha"]
+    assert {(p.alpha, p.target) for p in sweep} == {
+        (0.1, "expert"),
+        (0.1, "merged"),
+        (10.0, "expert"),
+        (10.0, "merged"),
+    }
+    table = (out / "report.md").read_text()
+    assert f"{100 * average(merged):.1f}" in table
+    assert json.loads((out / "results.json").read_text())["suite"] == "tiny"
+    assert any("report written" in line for line in lines)
+
+
+def test_pipeline_refuses_to_overwrite_before_any_work(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "existing"
+    out.mkdir()
+    with pytest.raises(EpmqError, match="--force"):
+        run_session(_config(out), quick=True, cache_dir=cache_dir, progress=False)
