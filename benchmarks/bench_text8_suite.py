@@ -1,6 +1,6 @@
 """Figures for the built-in text8 suite: data sizes, expert vs probe accuracy, timings.
 
-    python benchmarks/bench_text8_suite.py [--quick] [--cache-dir DIR] [--threads N]
+    python benchmarks/bench_text8_suite.py [--quick] [--cache-dir DIR] [--threads N] [--tasks A,B]
 
 Trains the experts and probes on first run (cached afterwards; the training time per expert is
 read from each expert's ``epmq_expert.json``), then prints per task: train / calib / test
@@ -30,12 +30,14 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()}")
 
-    suite = get_suite(args.suite, cache_dir=args.cache_dir, quick=args.quick)
+    overrides = {"tasks": args.tasks} if args.tasks else {}
+    suite = get_suite(args.suite, cache_dir=args.cache_dir, quick=args.quick, **overrides)
     start = time.perf_counter()
     tasks = suite.tasks
     print(f"suite {suite.name}, cache {suite.cache_path}")

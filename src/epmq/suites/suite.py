@@ -238,7 +238,8 @@ class Suite:
         root = self.cache_path
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "settings.json").is_file():
-            write_json(root / "settings.json", self._settings)
+            keyed = {k: v for k, v in self._settings.items() if k not in UNKEYED_SETTINGS}
+            write_json(root / "settings.json", keyed)
         expert_dirs = {t.name: self.expert_dir(t) for t in self.tasks}
         todo = [t for t in self.tasks if not _is_expert(expert_dirs[t.name])]
         config = self._expert_config()
