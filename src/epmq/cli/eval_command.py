@@ -11,7 +11,6 @@ refused). The shared encoder is evaluated with each task's own expert head (from
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,14 +24,9 @@ LOADABLE = ("compressed-tensors",)
 
 def quantization_method(folder: Path) -> str | None:
     """``quantization_config.quant_method`` of the folder's config.json (None: plain float)."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise EpmqError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from None
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    from epmq.models.registry import read_config
+
+    qconfig = read_config(folder).get("quantization_config")
     if not qconfig:
         return None
     return str(qconfig.get("quant_method", "unknown")) if isinstance(qconfig, dict) else "unknown"

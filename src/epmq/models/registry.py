@@ -57,8 +57,8 @@ def loader(family: str) -> Callable[..., nn.Module]:
     return getattr(importlib.import_module(module), func)
 
 
-def read_model_type(folder: str | Path) -> str:
-    """``model_type`` from ``folder/config.json`` (:class:`EpmqError` naming what is wrong)."""
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict (:class:`EpmqError` naming what is wrong)."""
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -66,10 +66,17 @@ def read_model_type(folder: str | Path) -> str:
     try:
         config = json.loads(config_file.read_text())
     except ValueError as exc:
-        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from exc
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise EpmqError(f"{config_file} does not hold a JSON object")
+    return config
+
+
+def read_model_type(folder: str | Path) -> str:
+    """``model_type`` from ``folder/config.json`` (:class:`EpmqError` naming what is wrong)."""
+    model_type = read_config(folder).get("model_type")
     if not isinstance(model_type, str):
-        raise EpmqError(f"{config_file} has no 'model_type' field")
+        raise EpmqError(f"{Path(folder) / 'config.json'} has no 'model_type' field")
     return model_type
 
 
