@@ -17,9 +17,11 @@ aligned to the group size so this is always true; the reference reads partly sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -98,22 +100,8 @@ def gptq(
         W1 = W[:, i1:i2].clone()
         Err1 = torch.empty(rows, i2 - i1, dtype=dtype, device=dev)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i  # position in processing order
-            if fixed:
-                g = (int(perm[j]) if perm is not None else j) // gs
-            else:
-                g = j // gs
-                if j % gs == 0:  # entering a new group: fit it on the error-updated columns
-                    cols_g = W1[:, i : i + gs] if i + gs <= i2 - i1 else W[:, j : j + gs]
-                    scales[:, g], zeros[:, g] = grid.fit(cols_g)
-            w = W1[:, i]
-            c = grid.quantize(w, scales[:, g], zeros[:, g])
-            q = grid.dequantize(c, scales[:, g], zeros[:, g])
-            codes[:, j] = c
-            err = (w - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # w_k -= err * U[j, k], k >= j
-            Err1[:, i] = err
+        with _one_thread():  # tiny per-column ops: thread hand-offs cost more than they save
+            _quantize_block(W, W1, Err1, U1, codes, scales, zeros, grid, i1, gs, fixed, perm)
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy update of later columns
 
     if fixed:
@@ -138,6 +126,53 @@ def gptq(
         damping_retries=retries,
         seconds=time.perf_counter() - start,
     )
+
+
+def _quantize_block(
+    W: Tensor,
+    W1: Tensor,
+    Err1: Tensor,
+    U1: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    grid: QuantGrid,
+    i1: int,
+    gs: int,
+    fixed: bool,
+    perm: Tensor | None,
+) -> None:
+    """Round the block's columns one by one, feeding each column's error to the rest."""
+    for i in range(W1.shape[1]):
+        j = i1 + i  # position in processing order
+        if fixed:
+            g = (int(perm[j]) if perm is not None else j) // gs
+        else:
+            g = j // gs
+            if j % gs == 0:  # entering a new group: fit it on the error-updated columns
+                cols_g = W1[:, i : i + gs] if i + gs <= W1.shape[1] else W[:, j : j + gs]
+                scales[:, g], zeros[:, g] = grid.fit(cols_g)
+        w = W1[:, i]
+        c = grid.quantize(w, scales[:, g], zeros[:, g])
+        q = grid.dequantize(c, scales[:, g], zeros[:, g])
+        codes[:, j] = c
+        err = (w - q) / U1[i, i]
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # w_k -= err * U[j, k], k >= j
+        Err1[:, i] = err
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the enclosed small-tensor loop on one intra-op thread, then restore the setting."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_options(h: Tensor, block_size: int, percdamp: float, max_retries: int) -> None:
@@ -179,7 +214,9 @@ def _inverse_cholesky_upper(
         hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            with _one_thread():  # LAPACK potri is ~10x slower multi-threaded on CPU
+                h_inv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(h_inv, upper=True)
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 if attempt:
                     logger.warning(
