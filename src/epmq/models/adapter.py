@@ -96,15 +96,32 @@ class BlockAdapter:
         return blocks
 
     # -- what is solved -------------------------------------------------------------------
+    #: True-sequential groups of linear names (relative to a block), in solving order.
+    sequential_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
     def linear_groups(self, block: nn.Module) -> list[list[str]]:
         """Names (relative to ``block``) of the linears to solve, in true-sequential groups.
 
         Linears of one group read the same inputs and are solved together; groups are solved
         in order, each seeing the inputs produced by the groups solved before it
-        (``true_sequential``). The default puts every ``nn.Linear`` in its own group in
-        definition order; adapters list real groups (q/k/v, then out, then up, then down).
+        (``true_sequential``). The default follows :attr:`sequential_groups` (q/k/v, then
+        out, then up, then down) via :func:`grouped_linears`.
         """
-        return [[name] for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+        return grouped_linears(block, self.sequential_groups)
+
+    def find_stage(self, model: nn.Module, name: str, paths: Sequence[str]) -> Stage:
+        """The stage at the first of ``paths`` that is an ``nn.ModuleList`` in ``model``."""
+        for path in paths:
+            try:
+                blocks = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList):
+                return Stage(name, path)
+        raise EpmqError(
+            f"model {type(model).__name__} has no {self.family} block list "
+            f"(looked for {', '.join(paths)})"
+        )
 
     # -- capture --------------------------------------------------------------------------
     def run_model(self, model: nn.Module, batch: Batch) -> None:
@@ -190,6 +207,16 @@ class BlockAdapter:
         (one-stage models never call this).
         """
         return args, kwargs
+
+
+def grouped_linears(block: nn.Module, groups: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The block's ``nn.Linear`` names arranged in ``groups`` (names the block lacks dropped);
+    linears that no group names follow, one per group, in definition order."""
+    present = [name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+    arranged = [[n for n in group if n in present] for group in groups]
+    arranged = [g for g in arranged if g]
+    listed = {n for g in arranged for n in g}
+    return arranged + [[n] for n in present if n not in listed]
 
 
 _REGISTRY: list[type[BlockAdapter]] = []

@@ -41,16 +41,10 @@ class BertAdapter(BlockAdapter):
 
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+    sequential_groups = _GROUPS
 
     def stages(self, model: nn.Module) -> list[Stage]:
-        for path in self._candidate_paths(model):
-            try:
-                blocks = model.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(blocks, nn.ModuleList):
-                return [Stage("encoder", path)]
-        raise EpmqError(f"model {type(model).__name__} has no BERT encoder.layer list")
+        return [self.find_stage(model, "encoder", self._candidate_paths(model))]
 
     @staticmethod
     def _candidate_paths(model: nn.Module) -> list[str]:
@@ -59,14 +53,6 @@ class BertAdapter(BlockAdapter):
         if prefix:
             paths.append(f"{prefix}.encoder.layer")
         return paths
-
-    def linear_groups(self, block: nn.Module) -> list[list[str]]:
-        present = {name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-        groups = [[n for n in group if n in present] for group in _GROUPS]
-        groups = [g for g in groups if g]
-        listed = {n for g in groups for n in g}
-        extra = [n for n, mod in block.named_modules() if isinstance(mod, nn.Linear)]
-        return groups + [[n] for n in extra if n not in listed]
 
 
 def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:

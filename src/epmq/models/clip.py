@@ -52,23 +52,10 @@ class ClipVisionAdapter(BlockAdapter):
 
     family = "clip"
     model_types = ("clip", "clip_vision_model")
+    sequential_groups = _GROUPS
 
     def stages(self, model: nn.Module) -> list[Stage]:
-        for path in ("encoder.layers", "vision_model.encoder.layers"):
-            try:
-                blocks = model.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(blocks, nn.ModuleList):
-                return [Stage("vision", path)]
-        raise EpmqError(f"model {type(model).__name__} has no CLIP vision encoder.layers list")
-
-    def linear_groups(self, block: nn.Module) -> list[list[str]]:
-        present = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        groups = [[n for n in group if n in present] for group in _GROUPS]
-        groups = [g for g in groups if g]
-        listed = {n for g in groups for n in g}
-        return groups + [[n] for n in present if n not in listed]
+        return [self.find_stage(model, "vision", ("encoder.layers", "vision_model.encoder.layers"))]
 
     def run_model(self, model: nn.Module, batch: Batch) -> None:
         """Run only the vision tower on the batch's ``pixel_values`` (no text needed)."""

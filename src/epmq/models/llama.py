@@ -45,6 +45,7 @@ class LlamaAdapter(BlockAdapter):
 
     family = "llama"
     model_types = MODEL_TYPES
+    sequential_groups = _GROUPS
 
     def stages(self, model: nn.Module) -> list[Stage]:
         layer_types = getattr(getattr(model, "config", None), "layer_types", None)
@@ -54,21 +55,7 @@ class LlamaAdapter(BlockAdapter):
                 f"{', '.join(sorted(set(layer_types)))} layers; only models whose layers share "
                 "one attention mask are supported"
             )
-        for path in ("model.layers", "layers"):
-            try:
-                blocks = model.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(blocks, nn.ModuleList):
-                return [Stage("decoder", path)]
-        raise EpmqError(f"model {type(model).__name__} has no decoder layers list (model.layers)")
-
-    def linear_groups(self, block: nn.Module) -> list[list[str]]:
-        present = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        groups = [[n for n in group if n in present] for group in _GROUPS]
-        groups = [g for g in groups if g]
-        listed = {n for g in groups for n in g}
-        return groups + [[n] for n in present if n not in listed]
+        return [self.find_stage(model, "decoder", ("model.layers", "layers"))]
 
     def run_model(self, model: nn.Module, batch: Batch) -> None:
         """Run the model without a cache (``labels`` are dropped: no loss is needed)."""

@@ -35,6 +35,7 @@ from epmq.models.adapter import (
     BlockArgs,
     BlockKwargs,
     Stage,
+    grouped_linears,
     register_adapter,
 )
 
@@ -80,12 +81,8 @@ class T5Adapter(BlockAdapter):
         return stages
 
     def linear_groups(self, block: nn.Module) -> list[list[str]]:
-        present = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         ff = f"layer.{len(block.layer) - 1}" if hasattr(block, "layer") else "layer.1"
-        groups = [[n for n in group if n in present] for group in _groups(ff)]
-        groups = [g for g in groups if g]
-        listed = {n for g in groups for n in g}
-        return groups + [[n] for n in present if n not in listed]
+        return grouped_linears(block, _groups(ff))
 
     # -- capture ----------------------------------------------------------------------------
     def run_model(self, model: nn.Module, batch: Batch) -> None:
