@@ -100,7 +100,9 @@ class BlockJob:
             next_calls = merged_next
             self._solve(names, stats, states, outcome)
         else:
-            plan = groups if self.true_sequential else [[n for g in groups for n in g]]
+            # RTN ignores its inputs, so one pass (for the proxy losses) serves every group.
+            sequential = self.true_sequential and self.options.method != "rtn"
+            plan = groups if sequential else [[n for g in groups for n in g]]
             for group in plan:
                 stats, _ = self._calibrate(group, calls, twins, expert_calls, propagate=False)
                 self._solve(group, stats, states, outcome)

@@ -75,9 +75,9 @@ class GramAccumulator:
                 f"GramAccumulator.add: {name} must have last dim {self.dim}, "
                 f"got shape {tuple(x.shape)}"
             )
-        rows = x.detach().reshape(-1, self.dim).to(device=self._gram_sum.device, dtype=self.dtype)
-        check_finite(rows, f"GramAccumulator input {name}")
-        return rows
+        # No per-batch NaN/Inf scan (it costs as much as the product itself): a non-finite
+        # input makes the running sum non-finite, which ``gram``/``cross`` check once.
+        return x.detach().reshape(-1, self.dim).to(device=self._gram_sum.device, dtype=self.dtype)
 
     @property
     def count(self) -> int:
@@ -87,6 +87,7 @@ class GramAccumulator:
     @property
     def gram(self) -> Tensor:
         """``X X^T / n`` [dim, dim] over all tokens seen."""
+        check_finite(self._gram_sum, "GramAccumulator statistics (an input batch was not finite):")
         return self._gram_sum / self._require_tokens()
 
     @property
@@ -94,6 +95,9 @@ class GramAccumulator:
         """``X_cross X^T / n`` [dim, dim] (so ``W @ cross = (W X_cross) X^T / n``), or None."""
         if self._cross_sum is None:
             return None
+        check_finite(
+            self._cross_sum, "GramAccumulator cross statistics (an input batch was not finite):"
+        )
         return self._cross_sum / self._require_tokens()
 
     def _require_tokens(self) -> int:
