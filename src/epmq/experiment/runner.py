@@ -146,7 +146,11 @@ def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None
     bits, group = min(q.bits), q.group_sizes[0]
     group_size = None if group == -1 else group
     sweep = results.sweeps.setdefault(ALPHA_SWEEP, [])
-    for row in results.find(kind="quantized", quantizer="epmq", bits=bits, group_size=group_size):
+    studied = config.merges[0].method  # the sweep runs on the first merge only (see plan)
+    rows = results.find(
+        kind="quantized", quantizer="epmq", bits=bits, group_size=group_size, merge=studied
+    )
+    for row in rows:
         if row.x_source == q.x_source and row.alpha in q.alpha_sweep:
             sweep.append(
                 SweepPoint(
