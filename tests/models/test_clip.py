@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
+from block_replay import capture, run_blocks
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from epmq.errors import EpmqError
-from epmq.models import StopForward, adapter_for
+from epmq.models import adapter_for
 from epmq.models.clip import (
     ClipVisionAdapter,
     classify,
@@ -80,32 +80,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def pixels(n: int = 3, shift: float = 0.0, seed: int = 5) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 32, 32, generator=gen) + shift
-
-
-def capture(model: nn.Module, adapter: Any, stage: Any, batch: dict) -> tuple[tuple, dict]:
-    """The protocol's capture step, done by hand: the first block's (args, kwargs)."""
-    got: list[tuple[tuple, dict]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        got.append((args, dict(kwargs)))
-        raise StopForward
-
-    handle = adapter.blocks(model, stage)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        adapter.run_model(model, batch)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    assert len(got) == 1
-    return adapter.prepare_block_inputs(stage, *got[0])
-
-
-def run_blocks(model: nn.Module, adapter: Any, stage: Any, args: tuple, kwargs: dict) -> Any:
-    for index, block in enumerate(adapter.blocks(model, stage)):
-        out = block(*args, **kwargs)
-        args, kwargs = adapter.next_block_inputs(stage, index, out, args, kwargs)
-    return adapter.hidden_states(args, kwargs)
 
 
 # -- adapter level ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from block_replay import capture, run_blocks
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
@@ -17,7 +18,7 @@ from transformers import (
 )
 
 from epmq.errors import EpmqError
-from epmq.models import StopForward, adapter_for
+from epmq.models import adapter_for
 from epmq.models.t5 import (
     T5Adapter,
     decoder_inputs,
@@ -76,32 +77,6 @@ def tokenizer(eos: bool) -> PreTrainedTokenizerFast:
             single="$A </s>", special_tokens=[("</s>", 1)]
         )
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
-
-
-def capture(model: nn.Module, adapter: Any, stage: Any, data: dict) -> tuple[tuple, dict]:
-    """The protocol's capture step, done by hand: the first block's (args, kwargs)."""
-    got: list[tuple[tuple, dict]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        got.append((args, dict(kwargs)))
-        raise StopForward
-
-    handle = adapter.blocks(model, stage)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        adapter.run_model(model, data)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    assert len(got) == 1
-    return adapter.prepare_block_inputs(stage, *got[0])
-
-
-def run_blocks(model: nn.Module, adapter: Any, stage: Any, args: tuple, kwargs: dict) -> Any:
-    for index, block in enumerate(adapter.blocks(model, stage)):
-        out = block(*args, **kwargs)
-        args, kwargs = adapter.next_block_inputs(stage, index, out, args, kwargs)
-    return adapter.hidden_states(args, kwargs)
 
 
 # -- adapter level ----------------------------------------------------------------------------
