@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from block_replay import capture, run_blocks
+from tiny_experts import make_experts, with_state
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
@@ -193,26 +192,6 @@ def test_zero_shot_head_needs_text_tower() -> None:
 
 
 # -- engine level -----------------------------------------------------------------------------
-def make_experts(base: nn.Module, k: int = 2, scale: float = 0.1) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(7)
-    experts = []
-    for _ in range(k):
-        state = {}
-        for name, value in base.state_dict().items():
-            value = value.clone()
-            if ".layers." in name and value.is_floating_point():
-                value += scale * value.std() * torch.randn(value.shape, generator=gen)
-            state[name] = value
-        experts.append(state)
-    return experts
-
-
-def with_state(base: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = copy.deepcopy(base)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 @torch.no_grad()
 def outputs(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
     return [model(**b).last_hidden_state for b in batches]
@@ -223,7 +202,7 @@ def test_engine_quantizes_clip_vision() -> None:
     from epmq.quant import QuantGrid
 
     base = make(CLIPVisionModel, seed=6)
-    experts = make_experts(base)
+    experts = make_experts(base, ".layers.")
     merged_state = {k: (experts[0][k] + experts[1][k]) / 2 for k in experts[0]}
     calib = {
         "left": [{"pixel_values": pixels(4, shift=-1.0, seed=s)} for s in (10, 11)],

@@ -3,13 +3,13 @@ and the engine on tiny experts."""
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
 import pytest
 import torch
 from block_replay import capture, run_blocks
+from tiny_experts import make_experts, with_state
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
@@ -178,26 +178,6 @@ def test_empty_label_is_a_user_error() -> None:
 
 
 # -- engine level -----------------------------------------------------------------------------
-def make_experts(base: nn.Module, k: int = 2, scale: float = 0.1) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(7)
-    experts = []
-    for _ in range(k):
-        state = {}
-        for name, value in base.state_dict().items():
-            value = value.clone()
-            if ".layers." in name and value.is_floating_point():
-                value += scale * value.std() * torch.randn(value.shape, generator=gen)
-            state[name] = value
-        experts.append(state)
-    return experts
-
-
-def with_state(base: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = copy.deepcopy(base)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 @torch.no_grad()
 def hidden(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
     """Final (normed) hidden states of real tokens: unit scale, unlike the tiny logits."""
@@ -210,7 +190,7 @@ def test_engine_quantizes_llama(tmp_path) -> None:
     from epmq.quant import QuantGrid
 
     base = make(seed=8)
-    experts = make_experts(base)
+    experts = make_experts(base, ".layers.")
     merged_state = {k: (experts[0][k] + experts[1][k]) / 2 for k in experts[0]}
     folders = []
     for i, state in enumerate(experts):  # experts read block by block from safetensors folders

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import torch
 from block_replay import capture, run_blocks
+from tiny_experts import make_experts, with_state
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
@@ -232,26 +232,6 @@ def test_a_label_beats_its_own_extension() -> None:
 
 
 # -- engine level -----------------------------------------------------------------------------
-def make_experts(base: nn.Module, k: int = 2, scale: float = 0.1) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(7)
-    experts = []
-    for _ in range(k):
-        state = {}
-        for name, value in base.state_dict().items():
-            value = value.clone()
-            if ".block." in name and value.is_floating_point():
-                value += scale * value.std() * torch.randn(value.shape, generator=gen)
-            state[name] = value
-        experts.append(state)
-    return experts
-
-
-def with_state(base: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = copy.deepcopy(base)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 @torch.no_grad()
 def logits(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
     return [model(**decoder_inputs(model, b), use_cache=False).logits for b in batches]
@@ -262,7 +242,7 @@ def test_engine_quantizes_both_stages() -> None:
     from epmq.quant import QuantGrid
 
     base = make(seed=8)
-    experts = make_experts(base)
+    experts = make_experts(base, ".block.")
     merged_state = {k: (experts[0][k] + experts[1][k]) / 2 for k in experts[0]}
     calib = {
         "low": [batch(seed=s, low=2, high=50) for s in (10, 11)],
