@@ -24,7 +24,7 @@ LOADABLE = ("compressed-tensors",)
 
 def quantization_method(folder: Path) -> str | None:
     """``quantization_config.quant_method`` of the folder's config.json (None: plain float)."""
-    from epmq.models.registry import read_config
+    from epmq.models.folder import read_config
 
     qconfig = read_config(folder).get("quantization_config")
     if not qconfig:

@@ -16,7 +16,6 @@ embeddings it (or any linear head trained on them) reads.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from epmq.errors import EpmqError
 from epmq.models.adapter import Batch, BlockAdapter, Stage, register_adapter
+from epmq.models.folder import read_config
 
 Template = str | Callable[[str], str]
 
@@ -86,12 +86,7 @@ def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
 
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from exc
+    config = read_config(path)
     model_type = config.get("model_type")
     if model_type == "clip":
         name = "CLIPModel"

@@ -9,7 +9,6 @@ adapter class (:mod:`epmq.models.adapter` protocol) and its loader, a function
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from epmq.errors import EpmqError
 from epmq.models.adapter import BlockAdapter
+from epmq.models.folder import read_config
 
 # family → (module, adapter class, loader function)
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -55,21 +55,6 @@ def loader(family: str) -> Callable[..., nn.Module]:
     """The ``load_<family>(path, **kwargs)`` function of ``family``."""
     module, _, func = _check_family(family)
     return getattr(importlib.import_module(module), func)
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """``folder/config.json`` as a dict (:class:`EpmqError` naming what is wrong)."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise EpmqError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise EpmqError(f"{config_file} does not hold a JSON object")
-    return config
 
 
 def read_model_type(folder: str | Path) -> str:

@@ -20,7 +20,6 @@ tokens have the highest log-likelihood under the model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from epmq.models.adapter import (
     grouped_linears,
     register_adapter,
 )
+from epmq.models.folder import read_config
 
 _CALL_ORDER = (
     "hidden_states",
@@ -213,12 +213,7 @@ def load_t5(path: str | Path, **kwargs: Any) -> nn.Module:
 
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from exc
+    config = read_config(path)
     if config.get("model_type") != "t5":
         raise EpmqError(f"{config_file}: model_type {config.get('model_type')!r} is not 't5'")
     encoder_only = "T5EncoderModel" in (config.get("architectures") or [])
