@@ -29,8 +29,7 @@ from torch import Tensor
 from epmq.errors import EpmqError
 from epmq.quant.checks import as_matrix, as_square, working_dtype
 from epmq.quant.grid import QuantGrid
-from epmq.quant.loss import proxy_loss
-from epmq.quant.result import QuantResult, dequantize_codes, to_codes
+from epmq.quant.result import QuantResult, build_result
 
 logger = logging.getLogger(__name__)
 
@@ -112,20 +111,10 @@ def gptq(
         g_idx[order] = torch.arange(cols, device=dev) // gs  # column perm[j] is in group j // gs
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    g_idx = g_idx.to(torch.int32)
-    q = dequantize_codes(codes, scales, zeros, g_idx)
-    return QuantResult(
-        weight=q,
-        codes=to_codes(codes, grid),
-        scales=scales,
-        zeros=zeros,
-        g_idx=g_idx,
-        grid=grid,
-        proxy_loss=proxy_loss(q, w_target, h_target),
-        damping=damping,
-        damping_retries=retries,
-        seconds=time.perf_counter() - start,
-    )
+    return build_result(
+        codes, scales, zeros, g_idx, grid, target=w_target, hessian=h_target,
+        damping=damping, damping_retries=retries, start=start,
+    )  # fmt: skip
 
 
 def _quantize_block(

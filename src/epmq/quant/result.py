@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from epmq.quant.grid import QuantGrid
+from epmq.quant.loss import proxy_loss
 
 
 @dataclass
@@ -45,6 +47,41 @@ class QuantResult:
     def dequantize(self) -> Tensor:
         """``scales[:, g_idx[j]] * (codes[:, j] - zeros[:, g_idx[j]])`` for every column j."""
         return dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx)
+
+
+def build_result(
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    g_idx: Tensor,
+    grid: QuantGrid,
+    *,
+    target: Tensor,
+    hessian: Tensor | None,
+    damping: float,
+    damping_retries: int,
+    start: float,
+) -> QuantResult:
+    """Assemble a solver's :class:`QuantResult` from float-valued codes and their grid.
+
+    The weight is dequantized from the codes (so it equals :meth:`QuantResult.dequantize`),
+    the proxy loss is taken against ``target`` and ``hessian`` (``nan`` without one) and
+    ``seconds`` counts from ``start`` (a ``time.perf_counter()`` reading).
+    """
+    g_idx = g_idx.to(torch.int32)
+    q = dequantize_codes(codes, scales, zeros, g_idx)
+    return QuantResult(
+        weight=q,
+        codes=to_codes(codes, grid),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        grid=grid,
+        proxy_loss=float("nan") if hessian is None else proxy_loss(q, target, hessian),
+        damping=damping,
+        damping_retries=damping_retries,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def dequantize_codes(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from epmq.quant.checks import as_matrix, as_square, working_dtype
 from epmq.quant.grid import QuantGrid
-from epmq.quant.loss import proxy_loss
-from epmq.quant.result import QuantResult, dequantize_codes, to_codes
+from epmq.quant.result import QuantResult, build_result
 
 
 def rtn(weight: Tensor, grid: QuantGrid, hessian: Tensor | None = None) -> QuantResult:
@@ -34,17 +33,8 @@ def rtn(weight: Tensor, grid: QuantGrid, hessian: Tensor | None = None) -> Quant
         cols_g = slice(g * width, (g + 1) * width)
         scales[:, g], zeros[:, g] = grid.fit(w[:, cols_g])
         codes[:, cols_g] = grid.quantize(w[:, cols_g], scales[:, g], zeros[:, g])
-    g_idx = (torch.arange(cols, device=dev) // width).to(torch.int32)
-    q = dequantize_codes(codes, scales, zeros, g_idx)
-    return QuantResult(
-        weight=q,
-        codes=to_codes(codes, grid),
-        scales=scales,
-        zeros=zeros,
-        g_idx=g_idx,
-        grid=grid,
-        proxy_loss=float("nan") if h is None else proxy_loss(q, w, h),
-        damping=0.0,
-        damping_retries=0,
-        seconds=time.perf_counter() - start,
-    )
+    g_idx = torch.arange(cols, device=dev) // width
+    return build_result(
+        codes, scales, zeros, g_idx, grid, target=w, hessian=h,
+        damping=0.0, damping_retries=0, start=start,
+    )  # fmt: skip
