@@ -1,0 +1,190 @@
+"""CLIP-style image preprocessing with Pillow and torch (no torchvision needed).
+
+:class:`ImagePreprocessing` turns images into the ``pixel_values`` a CLIP vision encoder takes,
+the way ``transformers.CLIPImageProcessor`` does it: convert to RGB, resize so the shortest
+edge is ``size`` (bicubic; the long edge is ``int(size * long / short)``), center-crop a
+``crop_size`` square (zero-padded when the image is smaller), multiply by ``rescale_factor``
+and normalise with ``mean`` and ``std``. Pillow does the resizing, as the processor's PIL
+backend does, so results match it up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from epmq.data.image_refs import ImageRef, load_images
+from epmq.errors import EpmqError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CONFIG_FILE = "preprocessor_config.json"
+BICUBIC = int(Image.Resampling.BICUBIC)
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """Resize (shortest edge ``size``), center-crop ``crop_size``, rescale, normalise.
+
+    ``size=None`` skips the resize and ``crop_size=None`` the crop (images must then come out
+    the same size to be stacked). ``resample`` is a Pillow resampling filter (bicubic).
+    """
+
+    size: int | None = 224
+    crop_size: int | None = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = BICUBIC
+
+    def __post_init__(self) -> None:
+        for name in ("size", "crop_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise EpmqError(f"image preprocessing: {name} must be an integer, got {value!r}")
+            if value is not None and value < 1:
+                raise EpmqError(f"image preprocessing: {name} must be >= 1, got {value}")
+        for name in ("mean", "std"):
+            values = tuple(getattr(self, name))
+            if len(values) != 3 or not all(isinstance(v, int | float) for v in values):
+                raise EpmqError(f"image preprocessing: {name} must be 3 numbers, got {values!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if any(s <= 0 for s in self.std):
+            raise EpmqError(f"image preprocessing: std must be > 0, got {list(self.std)}")
+
+    @classmethod
+    def from_dict(
+        cls, block: Mapping[str, Any], where: str = "image preprocessing"
+    ) -> ImagePreprocessing:
+        """From a config block ``{size, crop_size, mean, std}``.
+
+        ``crop_size`` defaults to ``size`` and ``size`` to ``crop_size`` (one is required);
+        ``mean`` and ``std`` default to CLIP's.
+        """
+        known = {"size", "crop_size", "mean", "std"}
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise EpmqError(f"{where}: unknown field(s) {unknown} (known: {sorted(known)})")
+        size, crop = block.get("size"), block.get("crop_size")
+        if size is None and crop is None:
+            raise EpmqError(f"{where}: give size (and crop_size) of the images")
+        try:
+            return cls(
+                size=size if size is not None else crop,
+                crop_size=crop if crop is not None else size,
+                mean=tuple(block.get("mean", CLIP_MEAN)),
+                std=tuple(block.get("std", CLIP_STD)),
+            )
+        except TypeError:
+            raise EpmqError(f"{where}: mean and std must be lists of 3 numbers") from None
+        except EpmqError as exc:
+            raise EpmqError(f"{where}: {_detail(exc)}") from None
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path) -> ImagePreprocessing | None:
+        """From ``preprocessor_config.json`` in ``model_dir`` as ``CLIPImageProcessor`` writes
+        it; None when the folder has no such file. Missing fields take CLIP's defaults."""
+        path = Path(model_dir) / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise EpmqError(f"{path}: not a readable JSON file ({exc})") from None
+        if not isinstance(config, dict):
+            raise EpmqError(f"{path}: expected a JSON object")
+        size = _edge(config.get("size", 224), path, "size")
+        crop = _crop(config.get("crop_size", 224), path)
+        normalise = config.get("do_normalize", True)
+        rescale = config.get("rescale_factor", 1 / 255) if config.get("do_rescale", True) else 1.0
+        try:
+            return cls(
+                size=size if config.get("do_resize", True) else None,
+                crop_size=crop if config.get("do_center_crop", True) else None,
+                mean=tuple(config.get("image_mean", CLIP_MEAN)) if normalise else (0.0,) * 3,
+                std=tuple(config.get("image_std", CLIP_STD)) if normalise else (1.0,) * 3,
+                rescale_factor=float(rescale),
+                resample=int(config.get("resample", BICUBIC)),
+            )
+        except (EpmqError, TypeError, ValueError) as exc:
+            raise EpmqError(f"{path}: {_detail(exc)}") from None
+
+    def pixel_values(self, images: Sequence[Image.Image | ImageRef]) -> torch.Tensor:
+        """``[N, 3, crop, crop]`` float32 pixel values for ``images`` (refs are loaded)."""
+        if not images:
+            raise EpmqError("no images to preprocess")
+        arrays = [self._one(image) for image in load_images(images)]
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            raise EpmqError(
+                f"images come out in different sizes {[list(s) for s in shapes[:3]]}; "
+                "set crop_size so they can be stacked"
+            )
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
+        pixels = pixels * self.rescale_factor
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return ((pixels - mean) / std).contiguous()
+
+    def _one(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop one RGB image; ``[H, W, 3]`` uint8."""
+        if self.size is not None:
+            width, height = image.size
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(self.size * long / short)
+            new = (self.size, new_long) if width <= height else (new_long, self.size)
+            image = image.resize(new, resample=self.resample)
+        if self.crop_size is not None:
+            width, height = image.size
+            top = (height - self.crop_size) // 2
+            left = (width - self.crop_size) // 2
+            # Pillow fills the part of the box outside the image with zeros, as the processor pads.
+            image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        return np.asarray(image, dtype=np.uint8)
+
+    def check_model_size(self, image_size: int, where: str) -> None:
+        """Fail when images come out at a size other than the model's ``image_size``."""
+        side = self.crop_size
+        if side is not None and side != image_size:
+            raise EpmqError(
+                f"{where}: images are preprocessed to {side}×{side} but the model takes "
+                f"{image_size}×{image_size} (vision_config.image_size)"
+            )
+
+
+def _edge(value: Any, path: Path, field: str) -> int:
+    """``size`` as written by CLIPImageProcessor: an int or ``{"shortest_edge": N}``."""
+    if isinstance(value, Mapping):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        raise EpmqError(
+            f"{path}: {field} {dict(value)} is not supported; "
+            "only shortest-edge resizing ({'shortest_edge': N}) is"
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise EpmqError(f"{path}: {field} must be an integer or {{'shortest_edge': N}}, got {value!r}")
+
+
+def _crop(value: Any, path: Path) -> int:
+    """``crop_size``: an int or a square ``{"height": H, "width": W}``."""
+    if isinstance(value, Mapping):
+        height, width = value.get("height"), value.get("width")
+        if height is None or width is None or height != width:
+            raise EpmqError(f"{path}: crop_size {dict(value)} is not a square height × width")
+        return int(height)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise EpmqError(f"{path}: crop_size must be an integer or {{height, width}}, got {value!r}")
+
+
+def _detail(exc: Exception) -> str:
+    """An error's message without the generic prefix, to put a file or block name before it."""
+    return str(exc).removeprefix("image preprocessing: ")
