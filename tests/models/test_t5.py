@@ -160,11 +160,15 @@ def test_token_masks() -> None:
     data = batch(enc_len=7, dec_len=5)
     assert torch.equal(adapter.token_mask(encoder, data), data["attention_mask"].bool())
     assert torch.equal(adapter.token_mask(decoder, data), data["labels"] != -100)
-    # same lengths: the decoder mask would also filter the cross-attention k/v (encoder states)
+    # same lengths: the decoder mask stays; the cross-attention k/v get the encoder's
     same = batch(enc_len=5, dec_len=5)
-    assert adapter.token_mask(decoder, same) is None
-    same["attention_mask"] = (same["labels"] != -100).long()
     assert torch.equal(adapter.token_mask(decoder, same), same["labels"] != -100)
+    for name in ("layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"):
+        got = adapter.linear_token_mask(decoder, same, name)
+        assert torch.equal(got, same["attention_mask"].bool())
+        assert torch.equal(adapter.linear_token_mask(encoder, same, name), got)
+    got = adapter.linear_token_mask(decoder, same, "layer.1.EncDecAttention.q")
+    assert torch.equal(got, same["labels"] != -100)
 
 
 def test_batch_without_decoder_inputs_is_a_user_error() -> None:

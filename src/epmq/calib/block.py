@@ -167,13 +167,13 @@ class BlockJob:
             task_out: list[BlockCall] = []
             for b, call in enumerate(calls[task]):
                 with recorder:
-                    recorder.reset(call.mask)
+                    recorder.reset(call.mask, call.linear_masks)
                     out = call.run(self.block)
                 expert_inputs = None
                 if expert_recorder is not None and expert_calls is not None:
                     expert_call = expert_calls[task][b]
                     with expert_recorder:
-                        expert_recorder.reset(expert_call.mask)
+                        expert_recorder.reset(expert_call.mask, expert_call.linear_masks)
                         expert_call.run(expert_recorder.block)
                     expert_inputs = expert_recorder.inputs
                 if regmean_expert:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,11 +22,21 @@ from epmq.models.adapter import Batch, BlockAdapter, BlockArgs, BlockKwargs, Sta
 
 @dataclass
 class BlockCall:
-    """One batch's inputs to a block, plus the mask of tokens that count in statistics."""
+    """One batch's inputs to a block, plus the masks of the tokens that count in statistics.
+
+    ``mask`` is the stage's token mask (:meth:`BlockAdapter.token_mask`); ``linear_masks``
+    holds the linears (names relative to the block) whose mask differs from it
+    (:meth:`BlockAdapter.linear_token_mask`, e.g. T5's cross-attention ``k``/``v``).
+    """
 
     args: BlockArgs
     kwargs: BlockKwargs
     mask: Tensor | None
+    linear_masks: dict[str, Tensor | None] = field(default_factory=dict)
+
+    def mask_for(self, linear: str) -> Tensor | None:
+        """The token mask of ``linear``'s inputs."""
+        return self.linear_masks.get(linear, self.mask)
 
     def run(self, block: nn.Module) -> Any:
         """Call ``block`` on these inputs (a :class:`StopForward` from a hook returns None)."""
@@ -83,7 +93,25 @@ def capture_stage_inputs(
                     f"{stage.name} block ({stage.blocks_path}.0)"
                 )
             args, kwargs = adapter.prepare_block_inputs(stage, *captured[0])
-            calls.append(BlockCall(args, kwargs, adapter.token_mask(stage, batch)))
+            mask = adapter.token_mask(stage, batch)
+            extra = linear_masks(adapter, stage, first, batch, mask)
+            calls.append(BlockCall(args, kwargs, mask, extra))
     finally:
         handle.remove()
     return calls
+
+
+def linear_masks(
+    adapter: BlockAdapter, stage: Stage, block: nn.Module, batch: Batch, default: Tensor | None
+) -> dict[str, Tensor | None]:
+    """The block's linears whose token mask differs from ``default`` (the stage's), with
+    their masks (:meth:`BlockAdapter.linear_token_mask`)."""
+    names = [name for group in adapter.linear_groups(block) for name in group]
+    masks = {name: adapter.linear_token_mask(stage, batch, name) for name in names}
+    return {name: mask for name, mask in masks.items() if not _same_mask(mask, default)}
+
+
+def _same_mask(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and torch.equal(a, b)

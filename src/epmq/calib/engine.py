@@ -214,7 +214,7 @@ def _link(
         for call, prev in zip(task_calls, previous[task], strict=True):
             hidden = adapter.hidden_states(prev.args, prev.kwargs)
             args, kwargs = adapter.link_stage(model, stage, hidden, call.args, call.kwargs)
-            linked[task].append(BlockCall(args, kwargs, call.mask))
+            linked[task].append(BlockCall(args, kwargs, call.mask, call.linear_masks))
     return linked
 
 

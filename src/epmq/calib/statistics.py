@@ -1,7 +1,9 @@
 """Step 2 of the lifecycle: per-task input statistics of a block's linears.
 
 :class:`LinearInputs` puts forward pre-hooks on named linears and keeps the latest input of
-each (flattened to ``[tokens, in]``, padding dropped by the batch's token mask). With
+each (flattened to ``[tokens, in]``, padding dropped by the linear's token mask: the stage's
+mask, or the one the adapter names for that linear, e.g. the encoder mask for T5's
+cross-attention keys and values). With
 ``stop=True`` it raises :class:`StopForward` as soon as every watched linear has been called,
 so a true-sequential pass only runs the block up to the group being solved.
 
@@ -10,7 +12,7 @@ so a true-sequential pass only runs the block up to the group being solved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -22,7 +24,11 @@ from epmq.quant import GramAccumulator
 
 
 def flatten_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
-    """``[..., in]`` activations as ``[tokens, in]`` float rows, keeping masked-in tokens."""
+    """``[..., in]`` activations as ``[tokens, in]`` rows, keeping masked-in tokens.
+
+    ``mask`` filters ``x`` when its shape is ``x``'s leading shape; otherwise (or with no
+    mask) every token counts.
+    """
     if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
         return x[mask.to(torch.bool)]
     return x.reshape(-1, x.shape[-1])
@@ -36,17 +42,23 @@ class LinearInputs:
         self.names = list(names)
         self.stop = stop
         self.mask: Tensor | None = None
+        self.linear_masks: Mapping[str, Tensor | None] = {}
         self.inputs: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
-    def reset(self, mask: Tensor | None) -> None:
-        """Forget recorded inputs; use ``mask`` for the next call."""
+    def reset(
+        self, mask: Tensor | None, linear_masks: Mapping[str, Tensor | None] | None = None
+    ) -> None:
+        """Forget recorded inputs; use ``mask`` for the next call, ``linear_masks[name]``
+        instead for the linears it names."""
         self.inputs = {}
         self.mask = mask
+        self.linear_masks = linear_masks or {}
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.inputs[name] = flatten_tokens(args[0].detach(), self.mask)
+            mask = self.linear_masks.get(name, self.mask)
+            self.inputs[name] = flatten_tokens(args[0].detach(), mask)
             if self.stop and len(self.inputs) == len(self.names):
                 raise StopForward
 

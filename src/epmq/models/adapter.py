@@ -149,12 +149,23 @@ class BlockAdapter:
     def token_mask(self, stage: Stage, batch: Batch) -> torch.Tensor | None:
         """A ``[batch, seq]`` bool mask of the tokens whose activations count in statistics.
 
-        Linear inputs whose leading shape matches the mask are filtered by it (padding is
-        left out of the Grams); other inputs (e.g. T5 cross-attention keys) count whole.
-        The default uses the batch's ``attention_mask`` when there is one.
+        The mask of the stage's own token sequence, used for every linear unless
+        :meth:`linear_token_mask` names another. A linear input ``[batch, seq, in]`` whose
+        leading shape matches its mask is filtered by it (padding is left out of the Grams);
+        an input of another shape counts whole. ``None``: every token counts. The default
+        uses the batch's ``attention_mask`` when there is one.
         """
         mask = batch.get("attention_mask")
         return None if mask is None else mask.bool()
+
+    def linear_token_mask(self, stage: Stage, batch: Batch, linear: str) -> torch.Tensor | None:
+        """The token mask of linear ``linear`` (a name relative to a block of ``stage``).
+
+        Linears that read another sequence than the stage's own override this: T5's decoder
+        cross-attention ``k``/``v`` read the encoder states, whose padding is the encoder's
+        ``attention_mask``. The default is :meth:`token_mask` for every linear.
+        """
+        return self.token_mask(stage, batch)
 
     # -- propagate ------------------------------------------------------------------------
     def hidden_states(self, args: BlockArgs, kwargs: BlockKwargs) -> torch.Tensor:

@@ -50,6 +50,8 @@ _CALL_ORDER = (
 
 _SELF = "layer.0.SelfAttention"
 _CROSS = "layer.1.EncDecAttention"
+#: Decoder linears whose inputs are the encoder states (one row per encoder token).
+_READS_ENCODER = (f"{_CROSS}.k", f"{_CROSS}.v")
 
 
 def _groups(ff: str) -> tuple[tuple[str, ...], ...]:
@@ -105,28 +107,21 @@ class T5Adapter(BlockAdapter):
 
     def token_mask(self, stage: Stage, batch: Batch) -> Tensor | None:
         """Encoder: the ``attention_mask``. Decoder: ``decoder_attention_mask``, else the
-        positions whose ``labels`` are not ``-100``.
-
-        The engine filters every linear input whose ``[batch, seq]`` shape matches the mask,
-        so in the decoder the cross-attention ``k``/``v`` inputs (encoder states) would be
-        filtered by the decoder mask when both sequences have the same length; the decoder
-        mask is then dropped (all decoder tokens count) unless it equals the encoder mask.
-        """
-        enc_mask = batch.get("attention_mask")
+        positions whose ``labels`` are not ``-100`` (None: every decoder token counts)."""
         if stage.name != "decoder":
-            return None if enc_mask is None else enc_mask.bool()
+            return encoder_mask(batch)
         mask = batch.get("decoder_attention_mask")
         if mask is None and batch.get("labels") is not None:
             mask = batch["labels"] != -100
-        if mask is None:
-            return None
-        mask = mask.bool()
-        source = batch.get("input_ids")
-        enc_shape = tuple(source.shape) if isinstance(source, Tensor) else None
-        if enc_shape == tuple(mask.shape):
-            same = enc_mask is not None and torch.equal(enc_mask.bool(), mask)
-            return mask if same or mask.all() else None
-        return mask
+        return None if mask is None else mask.bool()
+
+    def linear_token_mask(self, stage: Stage, batch: Batch, linear: str) -> Tensor | None:
+        """The decoder's cross-attention ``k``/``v`` read the encoder states: their tokens are
+        the encoder's, masked by the ``attention_mask``; every other linear uses
+        :meth:`token_mask`."""
+        if stage.name == "decoder" and linear in _READS_ENCODER:
+            return encoder_mask(batch)
+        return self.token_mask(stage, batch)
 
     # -- propagate --------------------------------------------------------------------------
     def next_block_inputs(
@@ -161,6 +156,12 @@ class T5Adapter(BlockAdapter):
     def load(path: str | Path, **kwargs: Any) -> nn.Module:
         """:func:`load_t5`."""
         return load_t5(path, **kwargs)
+
+
+def encoder_mask(batch: Batch) -> Tensor | None:
+    """The encoder tokens that count: the batch's ``attention_mask`` as bool (None: all)."""
+    mask = batch.get("attention_mask")
+    return None if mask is None else mask.bool()
 
 
 def decoder_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
