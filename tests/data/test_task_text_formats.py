@@ -143,3 +143,9 @@ def test_csv_written_by_helper_round_trips(tmp_path: Path) -> None:
     write_csv(tmp_path / "train.csv", [("a;b", "x")])
     write_csv(tmp_path / "test.csv", [("c", "x")])
     assert read_task_data("t", tmp_path, "csv").train.inputs == ("a;b",)
+
+
+def test_csv_with_byte_order_mark(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_bytes("text,label\nhé,pos\nnon,neg\n".encode("utf-8-sig"))
+    write_csv(tmp_path / "test.csv", TEST)
+    assert read_task_data("t", tmp_path, "csv").train.inputs == ("hé", "non")

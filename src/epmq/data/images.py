@@ -14,14 +14,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from epmq.data.image_refs import ImageRef, load_images
 from epmq.errors import EpmqError
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -118,6 +120,8 @@ class ImagePreprocessing:
 
     def pixel_values(self, images: Sequence[Image.Image | ImageRef]) -> torch.Tensor:
         """``[N, 3, crop, crop]`` float32 pixel values for ``images`` (refs are loaded)."""
+        import torch  # imported here so that reading task data does not load torch
+
         if not images:
             raise EpmqError("no images to preprocess")
         arrays = [self._one(image) for image in load_images(images)]
@@ -150,7 +154,10 @@ class ImagePreprocessing:
         return np.asarray(image, dtype=np.uint8)
 
     def check_model_size(self, image_size: int, where: str) -> None:
-        """Fail when images come out at a size other than the model's ``image_size``."""
+        """Fail when images come out at a size other than the model's ``image_size``.
+
+        Without a crop the output size depends on each image, so there is nothing to check.
+        """
         side = self.crop_size
         if side is not None and side != image_size:
             raise EpmqError(
@@ -162,7 +169,7 @@ class ImagePreprocessing:
 def _edge(value: Any, path: Path, field: str) -> int:
     """``size`` as written by CLIPImageProcessor: an int or ``{"shortest_edge": N}``."""
     if isinstance(value, Mapping):
-        if "shortest_edge" in value:
+        if {k for k, v in value.items() if v is not None} == {"shortest_edge"}:
             return int(value["shortest_edge"])
         raise EpmqError(
             f"{path}: {field} {dict(value)} is not supported; "

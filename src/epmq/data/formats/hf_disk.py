@@ -106,7 +106,8 @@ def _read_split(
         cell_label(request, value, f"{where}, example {i + 1}") for i, value in enumerate(raw)
     ]
     if modality == "image":
-        refs = [DatasetImage(dataset, i, column, where, request.task) for i in range(len(dataset))]
+        images = dataset.select_columns([column])  # a row then decodes only the image
+        refs = [DatasetImage(images, i, column, where, request.task) for i in range(len(images))]
         return RawSplit(refs, labels, where)
     texts = list(dataset[column])
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)

@@ -45,6 +45,9 @@ def read_npz(request: Request) -> RawData:
         if f"x_{split}" not in arrays:
             continue
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        for name, array in ((f"x_{split}", x), (f"y_{split}", y)):
+            if array.ndim == 0:
+                raise request.fail(f"{name} is a single value, not an array of examples")
         if len(x) != len(y):
             raise request.fail(f"x_{split} has {len(x)} entries but y_{split} has {len(y)}")
         modalities[split], inputs = _inputs(request, x, f"x_{split}")

@@ -34,10 +34,9 @@ class Request:
     classes: tuple[str, ...] | None = None
 
     def fail(self, message: str, where: str | Path | None = None) -> EpmqError:
-        """An error naming the task and the file (``where``, else the data path)."""
-        return EpmqError(
-            f"task {self.task}: {where if where is not None else self.path}: {message}"
-        )
+        """A one-line error naming the task and the file (``where``, else the data path)."""
+        place = where if where is not None else self.path
+        return EpmqError(" ".join(f"task {self.task}: {place}: {message}".splitlines()))
 
 
 @dataclass(frozen=True)
