@@ -42,16 +42,52 @@ class ExpertSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    """One task's labelled data and how much of it calibrates and evaluates."""
+    """One task's labelled data, how much of it calibrates and evaluates, and how the model
+    family reads it (prompt and label words for T5 / causal LMs, templates for CLIP)."""
 
     name: str
     data: Path
     format: DataFormat
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str = "image"
     classes: list[str] | None = None
     calib_size: int = Field(128, ge=1)
     test_size: int | None = Field(None, ge=1)
+    max_length: int = Field(128, ge=1)
+    prompt: str | None = None
+    label_words: list[str] | None = None
+    templates: list[str] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str | None) -> str | None:
+        if prompt is not None and "{text}" not in prompt:
+            raise ValueError("prompt must contain '{text}' where the example's text goes")
+        return prompt
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
+        for template in templates or []:
+            if "{}" not in template:
+                raise ValueError(f"template {template!r} must contain '{{}}' for the class name")
+        return templates
+
+
+class ImageSpec(_Strict):
+    """Image preprocessing for models whose folder has no ``preprocessor_config.json``."""
+
+    size: int = Field(224, ge=1)
+    crop_size: int | None = Field(None, ge=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class CalibrationSpec(_Strict):
+    """How calibration examples are batched (their number is each task's ``calib_size``)."""
+
+    batch_size: int = Field(16, ge=1)
 
 
 class MergeSpec(_Strict):
@@ -127,6 +163,8 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     suite: str | None = None
     family: Family | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    image: ImageSpec | None = None
     base: BaseModelSpec | None = None
     experts: list[ExpertSpec] = Field(default_factory=list)
     tasks: list[TaskSpec] = Field(default_factory=list)
@@ -134,6 +172,7 @@ class ExperimentConfig(_Strict):
         default_factory=lambda: [MergeSpec(method="task_arithmetic", params={"scale": 0.3})]
     )
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -155,6 +194,15 @@ class ExperimentConfig(_Strict):
                 raise ValueError(
                     f"experts.{i}.task: unknown task '{expert.task}' (tasks: {task_names})"
                 )
+        by_task = [e.task for e in self.experts]
+        for i, task in enumerate(self.tasks):
+            if task.name not in by_task:
+                raise ValueError(f"tasks.{i}: task '{task.name}' has no expert")
+            if by_task.count(task.name) > 1:
+                raise ValueError(f"tasks.{i}: task '{task.name}' has more than one expert")
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert names must be unique, got {names}")
         return self
 
 

@@ -49,7 +49,7 @@ def run_experiment(
     if workload.probe_heads:
         _add_row(
             results,
-            Row(name="pretrained (linear probe)", kind="pretrained", accuracy={}),
+            Row(name=workload.pretrained_name, kind="pretrained", accuracy={}),
             workload.evaluate(base, workload.probe_heads, workload.tasks),
             announce,
         )

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from epmq.atomic import output_dir, refuse_existing, write_text
-from epmq.errors import EpmqError
 from epmq.eval.results import Results
 from epmq.experiment.config import ExperimentConfig
 from epmq.experiment.runner import run_experiment
@@ -26,12 +25,11 @@ def build_workload(
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> Workload:
-    """The workload a config names (today: a built-in suite)."""
+    """The workload a config names: a built-in suite, or the user's folders."""
     if config.suite is None:
-        raise EpmqError(
-            "configs with your own 'base'/'experts'/'tasks' are validated but not runnable yet; "
-            "use a built-in 'suite' (see `epmq demo --help`)"
-        )
+        from epmq.experiment.folders import folder_workload
+
+        return folder_workload(config)
     return suite_workload(
         config.suite,
         quick=quick,

@@ -1,8 +1,9 @@
 """What an experiment runs on: a base encoder, experts with per-task heads, and task data.
 
-A :class:`Workload` hides where models and data come from (a built-in suite today, a user's
-folders from a config later) behind the few operations the runner needs: load an encoder,
-calibration batches per task, and per-task accuracy of an encoder with the task heads.
+A :class:`Workload` hides where models and data come from (a built-in suite, or a user's
+folders from a config: :mod:`epmq.experiment.folders`) behind the few operations the runner
+needs: load an encoder, calibration batches per task, and per-task accuracy of an encoder with
+the task heads.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ class Workload:
     tasks: list[str]
     base_dir: Path
     expert_dirs: dict[str, Path]
-    heads: dict[str, nn.Module]
+    heads: dict[str, Any]  # per task: whatever ``evaluate`` reads (a linear head, label words)
     calibration: dict[str, list[Batch]]
     load_encoder: Callable[[Path], nn.Module]
-    evaluate: Callable[[nn.Module, Mapping[str, nn.Module], Sequence[str]], dict[str, float]]
-    probe_heads: dict[str, nn.Module] | None = None
+    evaluate: Callable[[nn.Module, Mapping[str, Any], Sequence[str]], dict[str, float]]
+    probe_heads: dict[str, Any] | None = None  # heads for the pretrained model's row
+    pretrained_name: str = "pretrained (linear probe)"
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 

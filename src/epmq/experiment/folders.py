@@ -1,0 +1,125 @@
+"""The workload of a user's config: a base model folder, expert folders and task data on disk.
+
+Each task's data is read in its own format (:mod:`epmq.data`), each expert's head is built
+by its model family (:mod:`epmq.heads`), calibration batches are drawn per task from the
+training (or calibration) split with the config's seed, and evaluation scores the test split.
+Every user mistake found here (missing data, unknown format, a label outside the head's
+classes, an image size the model cannot take, an expert without its head, a head of the
+wrong width) is one :class:`~epmq.errors.EpmqError` naming it, raised before any merging.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from epmq.data import TaskData, read_task_data
+from epmq.errors import EpmqError
+from epmq.experiment.config import ExperimentConfig, TaskSpec
+from epmq.experiment.workload import Workload
+from epmq.heads import family_tasks
+from epmq.models.folder import read_config
+from epmq.models.registry import detect_family
+
+
+def config_family(config: ExperimentConfig) -> str:
+    """The model family: the config's ``family``, checked against the base's config.json."""
+    assert config.base is not None
+    detected = detect_family(config.base.path)
+    if config.family is not None and config.family != detected:
+        raise EpmqError(
+            f"family: the config says {config.family!r} but {config.base.path}/config.json "
+            f"holds a {detected!r} model"
+        )
+    return detected
+
+
+def read_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
+    """Every task's data, read in its own format."""
+    return {
+        t.name: read_task_data(
+            t.name,
+            Path(t.data),
+            t.format,
+            text_column=t.text_column,
+            label_column=t.label_column,
+            image_column=t.image_column,
+            classes=t.classes,
+        )
+        for t in config.tasks
+    }
+
+
+def test_limit(task: TaskSpec, config: ExperimentConfig) -> int | None:
+    """How many test examples of ``task`` are evaluated (None: all)."""
+    limits = [n for n in (task.test_size, config.evaluation.max_test) if n is not None]
+    return min(limits) if limits else None
+
+
+def folder_workload(config: ExperimentConfig) -> Workload:
+    """Build the workload of a config naming ``base``, ``experts`` and ``tasks``."""
+    if config.base is None:
+        raise EpmqError("config: 'base' is required when no built-in 'suite' is named")
+    start = time.perf_counter()
+    family = config_family(config)
+    for expert in config.experts:
+        read_config(expert.path)  # each expert must be a model folder
+    logic = family_tasks(family, config.base.path, config)
+    specs = {t.name: t for t in config.tasks}
+    data = read_tasks(config)
+    experts = {e.task: e for e in config.experts}
+    names = [t.name for t in config.tasks]
+    heads = {t: logic.head(specs[t], data[t], experts[t]) for t in names}
+    calibration = {
+        t: logic.calibration_batches(
+            specs[t],
+            heads[t],
+            data[t].calibration(specs[t].calib_size, seed=config.seed),
+            config.calibration.batch_size,
+        )
+        for t in names
+    }
+    tests = {t: data[t].test_examples(test_limit(specs[t], config)) for t in names}
+
+    def evaluate(
+        model: nn.Module, task_heads: Mapping[str, Any], tasks: Sequence[str]
+    ) -> dict[str, float]:
+        return {
+            t: logic.accuracy(
+                model, task_heads[t], specs[t], tests[t], config.evaluation.batch_size
+            )
+            for t in tasks
+        }
+
+    return Workload(
+        name=config.name,
+        tasks=names,
+        base_dir=Path(config.base.path),
+        expert_dirs={t: Path(experts[t].path) for t in names},
+        heads=heads,
+        calibration=calibration,
+        load_encoder=logic.load_model,
+        evaluate=evaluate,
+        probe_heads=heads,
+        pretrained_name="pretrained",
+        settings={
+            "family": family,
+            "tasks": {
+                t: {
+                    "data": str(specs[t].data),
+                    "format": specs[t].format,
+                    "classes": list(data[t].classes),
+                    "train": len(data[t].train),
+                    "calib": len(data[t].calib) if data[t].calib is not None else 0,
+                    "test": len(tests[t]),
+                    "expert": experts[t].name,
+                }
+                for t in names
+            },
+        },
+        timings={"prepare_workload": time.perf_counter() - start},
+    )

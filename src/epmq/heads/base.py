@@ -1,0 +1,115 @@
+"""What a model family needs to run a user's classification tasks: the protocol.
+
+A :class:`FamilyTasks` object is built once per experiment from the base model folder and the
+config. It knows how to load the part of a checkpoint that is merged and quantized
+(:meth:`load_model`), how to build each task's head (a linear head file beside the expert, a
+CLIP zero-shot head, T5 label words, causal-LM continuations), how to turn a task's examples
+into calibration batches for the calibration engine, and how to predict a class per example.
+Accuracy is the same for every family (:meth:`FamilyTasks.accuracy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epmq.data import Examples, TaskData
+from epmq.errors import EpmqError
+from epmq.experiment.config import ExperimentConfig, ExpertSpec, TaskSpec
+
+Batch = dict[str, Any]
+
+
+class FamilyTasks:
+    """Base class of the per-family task logic (see the module docstring)."""
+
+    family: str = ""
+    modality: str = "text"
+
+    def __init__(self, base_dir: Path, config: ExperimentConfig) -> None:
+        self.base_dir = Path(base_dir)
+        self.config = config
+
+    # -- to implement ---------------------------------------------------------------------
+    def load_model(self, folder: Path) -> nn.Module:
+        """The model (or tower) in ``folder`` that is merged, quantized and evaluated."""
+        raise NotImplementedError
+
+    def head(self, task: TaskSpec, data: TaskData, expert: ExpertSpec) -> Any:
+        """The head that turns the model's outputs on ``task`` into class scores."""
+        raise NotImplementedError
+
+    def calibration_batches(
+        self, task: TaskSpec, head: Any, examples: Examples, batch_size: int
+    ) -> list[Batch]:
+        """Model inputs for the calibration engine, ``batch_size`` examples per batch."""
+        raise NotImplementedError
+
+    def predict(
+        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+    ) -> Tensor:
+        """The predicted class index of every example, in order."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    def check_labels(self, task: TaskSpec, data: TaskData, n_outputs: int, where: str) -> None:
+        """Every label of every split must be one of the head's ``n_outputs`` classes."""
+        for split_name in ("train", "calib", "test"):
+            split = getattr(data, split_name)
+            if split is None or not split.labels:
+                continue
+            top = max(split.labels)
+            if top >= n_outputs:
+                raise EpmqError(
+                    f"task {task.name}: label {data.classes[top]!r} (class {top}) in the "
+                    f"{split_name} split is outside the {n_outputs} classes of {where}"
+                )
+
+    @torch.inference_mode()
+    def accuracy(
+        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+    ) -> float:
+        """Fraction of ``examples`` whose predicted class equals the label."""
+        if len(examples) == 0:
+            raise EpmqError(f"task {task.name}: no test examples to evaluate")
+        was_training = model.training
+        model.eval()
+        try:
+            predicted = self.predict(model, head, task, examples, batch_size)
+        finally:
+            model.train(was_training)
+        labels = torch.as_tensor(examples.labels, dtype=torch.long)
+        return int((predicted.cpu() == labels).sum()) / len(labels)
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` cut into consecutive pieces of at most ``size``."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def label_words(task: TaskSpec, data: TaskData) -> list[str]:
+    """The words that name each class in generated text: ``label_words``, else class names."""
+    words = list(task.label_words) if task.label_words else list(data.classes)
+    if len(words) < len(data.classes):
+        raise EpmqError(
+            f"task {task.name}: {len(words)} label_words for {len(data.classes)} classes "
+            f"({', '.join(data.classes)})"
+        )
+    return words
+
+
+def prompts(task: TaskSpec, texts: Sequence[str], default: str) -> list[str]:
+    """Each text placed into the task's ``prompt`` (``default`` when the task gives none)."""
+    template = task.prompt or default
+    return [template.replace("{text}", text) for text in texts]
+
+
+def require_text(task: TaskSpec, data: TaskData, family: str) -> None:
+    if data.modality != "text":
+        raise EpmqError(
+            f"task {task.name}: {family} models read text, but {data.source} holds images"
+        )

@@ -1,0 +1,118 @@
+"""``epmq run`` on a user's folders: every family and every data format, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from family_folders import BUILDERS, CLASSES, Family, write_data
+
+from epmq.eval.results import average, load_results
+from epmq.experiment.config import parse_config
+from epmq.experiment.session import run_session
+
+TASKS = ("first", "second")
+CASES = [
+    ("bert", "csv"),
+    ("bert", "jsonl"),
+    ("bert", "npz"),
+    ("bert", "hf_disk"),
+    ("clip", "imagefolder"),
+    ("clip", "npz"),
+    ("clip", "hf_disk"),
+    ("t5", "jsonl"),
+    ("llama", "csv"),
+]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Family]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: build(root / name, TASKS) for name, build in BUILDERS.items()}
+
+
+def config_for(family: Family, fmt: str, root: Path, **overrides: Any) -> dict[str, Any]:
+    tasks = []
+    for task in TASKS:
+        data = write_data(family, task, fmt, root / "data" / task)
+        tasks.append(
+            {
+                "name": task,
+                "data": str(data),
+                "format": fmt,
+                "classes": list(CLASSES),
+                "calib_size": 8,
+            }
+        )
+    config = {
+        "name": f"{family.name}-{fmt}",
+        "base": {"path": str(family.base)},
+        "experts": [
+            {"name": f"expert-{t}", "path": str(family.experts[t]), "task": t} for t in TASKS
+        ],
+        "tasks": tasks,
+        "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+        "quantization": {"methods": ["gptq", "epmq"], "bits": [8], "alpha": 0.1},
+        "calibration": {"batch_size": 4},
+        "output": {"dir": str(root / "report")},
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize(("family_name", "fmt"), CASES)
+def test_pipeline_runs_every_family_and_format(
+    families: dict[str, Family], family_name: str, fmt: str, tmp_path: Path
+) -> None:
+    family = families[family_name]
+    config = parse_config(config_for(family, fmt, tmp_path))
+    lines: list[str] = []
+    results, out = run_session(config, progress=False, announce=lines.append)
+
+    assert [r.kind for r in results.rows] == [
+        "pretrained", "expert", "merged", "target", "quantized", "quantized",
+    ]  # fmt: skip
+    # Labels are each expert's own predictions: a data/head/evaluation mix-up shows here.
+    assert results.find(kind="expert")[0].accuracy == {t: 1.0 for t in TASKS}
+    merged = results.find(kind="merged")[0]
+    target = results.find(kind="target")[0]
+    for row in results.find(kind="quantized"):
+        reference = target if row.quantizer == "epmq" else merged
+        # 8-bit rounding barely moves a model: at most two of 16 test examples change.
+        assert abs(average(row) - average(reference)) <= 2 / 16, row.name
+
+    saved = load_results(out / "results.json")
+    assert saved.settings["workload"]["family"] == family_name
+    sizes = saved.settings["workload"]["tasks"]["first"]
+    assert (sizes["test"], sizes["format"]) == (16, fmt)
+    assert sizes["calib"] == (0 if fmt == "csv" else 8)
+    report = (out / "report.md").read_text()
+    assert f"{100 * average(merged):.1f}" in report
+    assert any("report written" in line for line in lines)
+
+
+def test_clip_with_linear_head_files(tmp_path: Path) -> None:
+    family = BUILDERS["clip"](tmp_path / "clip", TASKS, head_files=True)
+    config = parse_config(config_for(family, "npz", tmp_path))
+    results, _ = run_session(config, progress=False, announce=lambda _: None)
+    assert results.find(kind="expert")[0].accuracy == {t: 1.0 for t in TASKS}
+
+
+def test_epmq_run_command_line(families: dict[str, Family], tmp_path: Path) -> None:
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    config["quantization"] = {"methods": ["rtn"], "bits": [4]}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = [sys.executable, "-m", "epmq", "run", str(path)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["name"] for r in report["rows"]][:3] == ["pretrained", "experts", "task_arithmetic"]
+    again = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert "--force" in again.stderr and "Traceback" not in again.stderr
