@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from family_folders import BUILDERS, CLASSES, Family, write_data
 
+from epmq.errors import EpmqError
 from epmq.eval.results import average, load_results
 from epmq.experiment.config import parse_config
 from epmq.experiment.session import run_session
@@ -116,3 +118,83 @@ def test_epmq_run_command_line(families: dict[str, Family], tmp_path: Path) -> N
     again = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
     assert "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+# -- user mistakes: one line naming the culprit, before any merging ---------------------------
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, to))
+
+
+def _fails(config: dict[str, Any], match: str) -> None:
+    with pytest.raises(EpmqError, match=match):
+        run_session(parse_config(config), progress=False, announce=lambda _: None)
+
+
+def test_task_without_data(families: dict[str, Family], tmp_path: Path) -> None:
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    config["tasks"][1]["data"] = str(tmp_path / "nowhere")
+    _fails(config, r"second.*nowhere")
+
+
+def test_unknown_format_names_the_field(families: dict[str, Family], tmp_path: Path) -> None:
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    config["tasks"][0]["format"] = "parquet"
+    with pytest.raises(EpmqError, match=r"tasks\.0\.format"):
+        parse_config(config)
+
+
+def test_label_outside_the_heads_classes(families: dict[str, Family], tmp_path: Path) -> None:
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    data = Path(config["tasks"][0]["data"]) / "test.jsonl"
+    data.write_text(data.read_text() + json.dumps({"text": "red cat", "label": 3}) + "\n")
+    config["tasks"][0]["classes"] = [*CLASSES, "delta"]
+    _fails(config, r"task first: label 'delta' \(class 3\) in the test split is outside the 3")
+
+
+def test_image_size_the_model_cannot_take(families: dict[str, Family], tmp_path: Path) -> None:
+    family = families["clip"]
+    config = config_for(family, "npz", tmp_path)
+    base = _copy(family.base, tmp_path / "base64")
+    processor = json.loads((base / "preprocessor_config.json").read_text())
+    processor["crop_size"] = {"height": 64, "width": 64}
+    processor["size"] = {"shortest_edge": 64}
+    (base / "preprocessor_config.json").write_text(json.dumps(processor))
+    config["base"]["path"] = str(base)
+    _fails(config, r"64.*32")
+
+
+def test_expert_missing_its_head(families: dict[str, Family], tmp_path: Path) -> None:
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    expert = _copy(families["bert"].experts["second"], tmp_path / "headless")
+    (expert / "head.safetensors").unlink()
+    config["experts"][1]["path"] = str(expert)
+    _fails(config, r"expert expert-second: no head file .*head\.safetensors")
+
+
+def test_head_width_differs_from_the_encoder(families: dict[str, Family], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    save_file(
+        {"weight": torch.zeros(3, 16), "bias": torch.zeros(3)}, str(tmp_path / "h.safetensors")
+    )
+    config["experts"][0]["head"] = str(tmp_path / "h.safetensors")
+    _fails(config, r"expert expert-first: head .*h\.safetensors reads 16 features .* is 32")
+
+
+def test_user_mistake_on_the_command_line(families: dict[str, Family], tmp_path: Path) -> None:
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    config["tasks"][0]["data"] = str(tmp_path / "missing")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "epmq", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "missing" in lines[0], done.stderr
