@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from task_data_files import random_rgb, save_png
+from task_data_files import image_folder, random_rgb, save_png
 
-from epmq.data import CLIP_MEAN, CLIP_STD, FileImage, ImagePreprocessing
+from epmq.data import CLIP_MEAN, CLIP_STD, FileImage, ImagePreprocessing, read_task_data
 from epmq.errors import EpmqError
 
 transformers = pytest.importorskip("transformers")
@@ -75,6 +75,7 @@ def test_from_dict_defaults_and_values() -> None:
     ("block", "message"),
     [
         ({}, "give size"),
+        ([32], "expected a mapping"),
         ({"size": 32, "resize": 1}, r"unknown field\(s\) \['resize'\]"),
         ({"size": 0}, "size must be >= 1"),
         ({"size": "big"}, "size must be an integer"),
@@ -83,9 +84,9 @@ def test_from_dict_defaults_and_values() -> None:
         ({"size": 32, "std": [1, 0, 1]}, "std must be > 0"),
     ],
 )
-def test_from_dict_errors(block: dict[str, object], message: str) -> None:
+def test_from_dict_errors(block: object, message: str) -> None:
     with pytest.raises(EpmqError, match=f"^task x images: {message}"):
-        ImagePreprocessing.from_dict(block, where="task x images")
+        ImagePreprocessing.from_dict(block, where="task x images")  # type: ignore[arg-type]
 
 
 def _write_config(folder: Path, **config: object) -> Path:
@@ -147,3 +148,11 @@ def test_check_model_size() -> None:
         "task pets: images are preprocessed to 64×64 but the model takes 32×32 "
         "(vision_config.image_size)"
     )
+
+
+def test_pixel_values_of_read_task_data(tmp_path: Path) -> None:
+    data = read_task_data("pets", image_folder(tmp_path), "imagefolder")
+    prep = ImagePreprocessing.from_dict({"size": 4})
+    prep.check_model_size(4, "task pets")
+    chosen = data.calibration(3, seed=0)
+    assert prep.pixel_values(chosen.inputs).shape == (3, 3, 4, 4)

@@ -153,3 +153,12 @@ def test_load_images_accepts_pil_and_rejects_other(tmp_path: Path) -> None:
 def test_refs_are_image_refs(tmp_path: Path) -> None:
     ref = FileImage(save_png(tmp_path / "a.png", (1, 2, 3)))
     assert isinstance(ref, ImageRef) and ref.describe() == str(tmp_path / "a.png")
+
+
+def test_npz_image_label_error_names_the_label_array(tmp_path: Path) -> None:
+    x = np.zeros((2, 3, 3), np.uint8)
+    path = tmp_path / "l.npz"
+    np.savez(path, x_train=x, y_train=[0, 1], x_test=x, y_test=[0, 7])
+    with pytest.raises(EpmqError) as info:
+        read_task_data("l", path, "npz", classes=["a", "b"])
+    assert f"{path} [y_test], example 2: label 7 is not one of the 2 classes" in str(info.value)

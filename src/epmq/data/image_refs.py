@@ -83,8 +83,8 @@ class ArrayImage(ImageRef):
         pixels = np.clip(pixels, 0, 255).astype(np.uint8)
         if pixels.ndim == 3 and pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
-        mode = {2: "L"}.get(pixels.ndim) or {3: "RGB", 4: "RGBA"}[pixels.shape[-1]]
-        return Image.fromarray(np.ascontiguousarray(pixels), mode=mode).convert("RGB")
+        # uint8 [H,W] is read as L, [H,W,3] as RGB and [H,W,4] as RGBA.
+        return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
 
     def describe(self) -> str:
         return f"{self.where}[{self.index}]"

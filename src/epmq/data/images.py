@@ -70,6 +70,8 @@ class ImagePreprocessing:
         ``crop_size`` defaults to ``size`` and ``size`` to ``crop_size`` (one is required);
         ``mean`` and ``std`` default to CLIP's.
         """
+        if not isinstance(block, Mapping):
+            raise EpmqError(f"{where}: expected a mapping of size, crop_size, mean, std")
         known = {"size", "crop_size", "mean", "std"}
         unknown = sorted(set(block) - known)
         if unknown:
@@ -124,7 +126,8 @@ class ImagePreprocessing:
 
         if not images:
             raise EpmqError("no images to preprocess")
-        arrays = [self._one(image) for image in load_images(images)]
+        # one image at a time: only the cropped pixels of the batch are held
+        arrays = [self._one(load_images([image])[0]) for image in images]
         shapes = sorted({a.shape for a in arrays})
         if len(shapes) > 1:
             raise EpmqError(

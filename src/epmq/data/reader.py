@@ -29,7 +29,7 @@ def read_task_data(
     path, split, column or array, bad label, empty split) is an :class:`~epmq.errors.EpmqError`
     naming the task and the file. Images are not decoded here.
     """
-    reader = format_reader(format, name)
+    reader = format_reader(format.strip().lower(), name)
     request = Request(
         task=name,
         path=Path(path).expanduser(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epmq.data.examples import Modality
-from epmq.data.image_refs import ImageRef
+from epmq.data.image_refs import FileImage, ImageRef
 from epmq.errors import EpmqError
 
 #: Split names a reader returns; ``train`` and ``test`` are required.
@@ -52,8 +52,9 @@ class RawSplit:
         """``file:line`` (or ``file, example N``) for example ``index``."""
         if self.lines is not None:
             return f"{self.where}:{self.lines[index]}"
-        if isinstance(self.inputs[index], ImageRef):
-            return self.inputs[index].describe()
+        source = self.inputs[index]
+        if isinstance(source, FileImage):  # an image folder: the file says it all
+            return source.describe()
         return f"{self.where}, example {index + 1}"
 
 
