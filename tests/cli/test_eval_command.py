@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from epmq.cli import main
-from epmq.cli.eval_command import load_encoder
 from epmq.eval.accuracy import evaluate_accuracy
 from epmq.suites import Suite, get_suite
 
@@ -119,7 +118,7 @@ def test_compressed_tensors_equals_dequantized_export(
     # from the float merge's (so a loader that ignored the quantization would fail here)
     name = "encoder.layer.1.output.dense.weight"
     weights = [
-        load_encoder(suite, folder).get_parameter(name).detach()
+        suite.load_encoder(folder).get_parameter(name).detach()
         for folder in (ct, plain, env["root"] / "merged")
     ]
     assert torch.equal(weights[0], weights[1])
@@ -140,7 +139,7 @@ def test_errors_exit_2_with_one_line(
         (["--suite", "nope", "--model", str(env["root"] / "merged")], "unknown suite 'nope'"),
         (["--suite", "tiny", "--model", str(tmp_path / "none")], "does not exist"),
         (["--suite", "tiny", "--model", str(tmp_path)], "no config.json"),
-        (["--suite", "tiny", "--model", str(gptq)], "a 'gptq' checkpoint cannot be evaluated"),
+        (["--suite", "tiny", "--model", str(gptq)], "a 'gptq' checkpoint loads only in a GPTQ"),
         (["--model", str(gptq)], "--suite is required"),
         (["--suite", "tiny", "--model", str(gptq), "--max-test", "0"], "--max-test must be >= 1"),
     ]

@@ -3,10 +3,11 @@
     epmq eval --suite text8 --model DIR [--max-test N] [--json FILE] [--force]
 
 ``--model`` is a Hugging Face encoder folder: an expert, a merge, or a quantized export
-(``dequantized`` or ``compressed-tensors``; a ``gptq`` folder needs a GPU runtime and is
-refused). The shared encoder is evaluated with each task's own expert head (from
-``suite.prepare()``, trained on first use and cached), and a table of accuracies is printed;
-``--json`` also writes them, atomically.
+(``dequantized``, or ``compressed-tensors``, dequantized on load; a ``gptq`` folder needs a GPTQ
+runtime and is refused), loaded by :func:`epmq.suites.classifier.load_encoder`. The shared
+encoder is evaluated with each task's own expert head (from ``suite.prepare()``, trained on
+first use and cached), and a table of accuracies is printed; ``--json`` also writes them,
+atomically.
 """
 
 from __future__ import annotations
@@ -19,49 +20,6 @@ import typer
 from epmq.cli.app import app
 from epmq.errors import EpmqError
 
-LOADABLE = ("compressed-tensors",)
-
-
-def quantization_method(folder: Path) -> str | None:
-    """``quantization_config.quant_method`` of the folder's config.json (None: plain float)."""
-    from epmq.models.folder import read_config
-
-    qconfig = read_config(folder).get("quantization_config")
-    if not qconfig:
-        return None
-    return str(qconfig.get("quant_method", "unknown")) if isinstance(qconfig, dict) else "unknown"
-
-
-def load_encoder(suite: Any, folder: Path) -> Any:
-    """The suite's encoder from ``folder``; compressed-tensors folders are dequantized on load
-    (transformers 5.23 needs ``CompressedTensorsConfig(dequantize=True)`` for asymmetric ones,
-    and it gives plain float ``Linear`` weights for symmetric ones as well)."""
-    method = quantization_method(folder)
-    if method is None:
-        return suite.load_encoder(folder)
-    if method not in LOADABLE:
-        raise EpmqError(
-            f"{folder}: a {method!r} checkpoint cannot be evaluated here; export it as "
-            "'compressed-tensors' or 'dequantized'"
-        )
-    from transformers import BertModel, CompressedTensorsConfig
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model = BertModel.from_pretrained(
-            folder,
-            add_pooling_layer=False,
-            quantization_config=CompressedTensorsConfig(dequantize=True),
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.eval()
-
 
 def evaluate_folder(
     suite: Any, folder: Path, *, max_test: int | None, batch_size: int, progress: bool
@@ -69,7 +27,7 @@ def evaluate_folder(
     """Accuracy per task of the encoder in ``folder`` with the suite's expert heads."""
     models = suite.prepare(progress=progress)
     heads = {task: suite.load_head(models.expert_dirs[task]) for task in suite.task_names}
-    encoder = load_encoder(suite, folder)
+    encoder = suite.load_encoder(folder)
     return suite.evaluate(encoder, heads, batch_size=batch_size, max_examples=max_test)
 
 
@@ -106,6 +64,7 @@ def eval_command(
 ) -> None:
     """Evaluate an encoder folder on every task of a suite with the per-task expert heads."""
     from epmq.atomic import refuse_existing, write_json
+    from epmq.models.folder import quantization_kwargs
     from epmq.suites import get_suite
 
     for flag, value in (("--suite", suite), ("--model", model)):
@@ -120,7 +79,7 @@ def eval_command(
         raise EpmqError(f"--batch-size must be >= 1, got {batch_size}")
     if json_file is not None:
         refuse_existing(json_file, force)
-    quantization_method(model)  # a broken folder fails before the suite is prepared
+    quantization_kwargs(model)  # an unloadable folder fails before the suite is prepared
     the_suite = get_suite(suite, cache_dir=cache_dir, quick=quick)
     accuracy = evaluate_folder(
         the_suite, model, max_test=max_test, batch_size=batch_size, progress=progress

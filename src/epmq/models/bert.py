@@ -16,6 +16,7 @@ from torch import nn
 
 from epmq.errors import EpmqError
 from epmq.models.adapter import BlockAdapter, Stage, register_adapter
+from epmq.models.folder import from_folder
 
 _GROUPS: tuple[tuple[str, ...], ...] = (
     ("attention.self.query", "attention.self.key", "attention.self.value"),
@@ -60,6 +61,7 @@ def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:
 
     ``head`` is one of ``base``, ``sequence-classification``, ``token-classification``,
     ``masked-lm``; extra keyword arguments (e.g. ``num_labels``) go to ``from_pretrained``.
+    A compressed-tensors export loads dequantized (:func:`~epmq.models.folder.from_folder`).
     """
     import transformers
 
@@ -68,7 +70,6 @@ def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:
         raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
     if head not in _HEADS:
         raise EpmqError(f"unknown BERT head {head!r}; choose one of {', '.join(_HEADS)}")
-    auto = getattr(transformers, _HEADS[head])
-    model = auto.from_pretrained(str(path), local_files_only=True, **kwargs)
+    model = from_folder(getattr(transformers, _HEADS[head]), path, **kwargs)
     model.eval()
     return model

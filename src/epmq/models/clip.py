@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from epmq.errors import EpmqError
 from epmq.models.adapter import Batch, BlockAdapter, Stage, register_adapter
-from epmq.models.folder import read_config
+from epmq.models.folder import from_folder, read_config
 
 Template = str | Callable[[str], str]
 
@@ -80,7 +80,8 @@ def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
 
     The class follows ``config.json``: ``model_type`` ``clip`` → ``CLIPModel``;
     ``clip_vision_model`` → the class named in ``architectures`` (``CLIPVisionModel`` or
-    ``CLIPVisionModelWithProjection``; ``CLIPVisionModel`` when none is named).
+    ``CLIPVisionModelWithProjection``; ``CLIPVisionModel`` when none is named). A
+    compressed-tensors export loads dequantized (:func:`~epmq.models.folder.from_folder`).
     """
     import transformers
 
@@ -98,7 +99,7 @@ def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
             f"{config_file}: model_type {model_type!r} is not a CLIP model "
             "(expected 'clip' or 'clip_vision_model')"
         )
-    model = getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **kwargs)
+    model = from_folder(getattr(transformers, name), path, **kwargs)
     model.eval()
     return model
 

@@ -18,7 +18,6 @@ whose continuation tokens have the highest log-likelihood.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from epmq.errors import EpmqError
 from epmq.models.adapter import Batch, BlockAdapter, Stage, register_adapter
+from epmq.models.folder import from_folder, read_config
 
 _GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -74,22 +74,18 @@ class LlamaAdapter(BlockAdapter):
 
 def load_llama(path: str | Path, **kwargs: Any) -> nn.Module:
     """Load a Llama / Mistral / Qwen2 causal LM from a local folder (no hub access), in eval
-    mode, with ``AutoModelForCausalLM``."""
+    mode, with ``AutoModelForCausalLM``; a compressed-tensors export loads dequantized
+    (:func:`~epmq.models.folder.from_folder`)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except ValueError as exc:
-        raise EpmqError(f"{config_file} is not valid JSON: {exc}") from exc
+    model_type = read_config(path).get("model_type")
     if model_type not in MODEL_TYPES:
         raise EpmqError(
-            f"{config_file}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+            f"{path / 'config.json'}: model_type {model_type!r} is not one of "
+            f"{', '.join(MODEL_TYPES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    model = from_folder(AutoModelForCausalLM, path, **kwargs)
     model.eval()
     return model
 

@@ -37,7 +37,7 @@ from epmq.models.adapter import (
     grouped_linears,
     register_adapter,
 )
-from epmq.models.folder import read_config
+from epmq.models.folder import from_folder, read_config
 
 _CALL_ORDER = (
     "hidden_states",
@@ -208,7 +208,8 @@ def shift_right(model: nn.Module, labels: Tensor) -> Tensor:
 def load_t5(path: str | Path, **kwargs: Any) -> nn.Module:
     """Load a T5 / FLAN-T5 model from a local folder (no hub access), in eval mode.
 
-    ``T5ForConditionalGeneration`` unless ``config.json`` names ``T5EncoderModel``.
+    ``T5ForConditionalGeneration`` unless ``config.json`` names ``T5EncoderModel``. A
+    compressed-tensors export loads dequantized (:func:`~epmq.models.folder.from_folder`).
     """
     import transformers
 
@@ -219,7 +220,7 @@ def load_t5(path: str | Path, **kwargs: Any) -> nn.Module:
         raise EpmqError(f"{config_file}: model_type {config.get('model_type')!r} is not 't5'")
     encoder_only = "T5EncoderModel" in (config.get("architectures") or [])
     name = "T5EncoderModel" if encoder_only else "T5ForConditionalGeneration"
-    model = getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **kwargs)
+    model = from_folder(getattr(transformers, name), path, **kwargs)
     model.eval()
     return model
 

@@ -82,14 +82,21 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_encoder(path: str | Path) -> Any:
-    """Load a ``BertModel`` (without pooler) from a Hugging Face folder, in eval mode."""
+    """Load a ``BertModel`` (without pooler) from a Hugging Face folder, in eval mode.
+
+    The folder may be an expert, a merge or a quantized export: a compressed-tensors folder
+    loads with its weights dequantized; a ``gptq`` one is refused (it needs a GPTQ runtime),
+    see :func:`epmq.models.folder.quantization_kwargs`.
+    """
     from transformers import BertModel
+
+    from epmq.models.folder import from_folder
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EpmqError(f"{path}: not a Hugging Face model folder (no config.json)")
     with quiet_transformers():
-        model = BertModel.from_pretrained(path, add_pooling_layer=False)
+        model = from_folder(BertModel, path, add_pooling_layer=False)
     return model.eval()
 
 
