@@ -17,86 +17,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_tiny_models import dequantized_reference, quantize_model, tiny_bert, tiny_llama
+from export_tiny_models import outputs as logits
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 from epmq.errors import EpmqError
 from epmq.export import export_checkpoint, gptq_format, read_summary
 from epmq.export.sizes import unique_state_dict
-from epmq.quant import QuantGrid, QuantResult, gptq, rtn
+from epmq.quant import QuantGrid, rtn
 
 pytest.importorskip("compressed_tensors")
 hf_logging.set_verbosity_error()
-
-
-def tiny_bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        vocab_size=100,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 MODELS = {
     "bert": (tiny_bert, AutoModelForSequenceClassification, ("classifier", "pooler")),
     "llama": (tiny_llama, AutoModelForCausalLM, ("lm_head",)),
 }
-
-
-def quantize_model(
-    model: torch.nn.Module, skip: tuple[str, ...], grid: QuantGrid, *, act_order=False
-):
-    results: dict[str, QuantResult] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip):
-            w = module.weight.detach()
-            if act_order:
-                x = torch.randn(w.shape[1], 256, generator=torch.Generator().manual_seed(7))
-                x = x * torch.linspace(0.2, 2.0, w.shape[1]).flip(0).roll(5).unsqueeze(1)
-                results[name] = gptq(w, x @ x.T / 256, grid, act_order=True)
-            else:
-                results[name] = rtn(w, grid)
-    return results
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def dequantized_reference(model: torch.nn.Module, results, scale_dtype=torch.float32):
-    """The in-memory model with every quantized weight replaced by its dequantization."""
-    for name, r in results.items():
-        scales = r.scales.to(scale_dtype).to(torch.float32)
-        w = scales[:, r.g_idx.long()] * (r.codes.float() - r.zeros[:, r.g_idx.long()].float())
-        model.get_submodule(name).weight.data.copy_(w)
-    return logits(model)
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
@@ -195,11 +134,34 @@ def test_gptq_checkpoint_layout_with_act_order(tmp_path: Path) -> None:
     assert config["block_name_to_quantize"] == "model.layers"
 
 
-def test_gptq_loads_with_gptqmodel_when_installed(tmp_path: Path) -> None:
+def test_asymmetric_gptq_is_written_as_gptq_v2(tmp_path: Path) -> None:
+    model = tiny_llama()
+    with torch.no_grad():  # non-negative rows: zero point 0, which GPTQ v1 cannot store
+        model.model.layers[0].mlp.up_proj.weight.abs_()
+    results = quantize_model(model, ("lm_head",), QuantGrid(2, 32, symmetric=False))
+    assert any(bool((r.zeros == 0).any()) for r in results.values())
+    summary = export_checkpoint(model, results, tmp_path / "v2", format="gptq")
+    assert read_summary(tmp_path / "v2") == summary
+    config = json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]
+    assert (config["checkpoint_format"], config["sym"], config["bits"]) == ("gptq_v2", False, 2)
+    assert json.loads((tmp_path / "v2" / "quantize_config.json").read_text()) == config
+    tensors = load_file(str(tmp_path / "v2" / "model.safetensors"))
+    for name, r in results.items():
+        local = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        codes, _, zeros, _ = gptq_format.unpack_module(local, 2, "gptq_v2")
+        assert torch.equal(codes, r.codes.to(torch.int32))
+        assert torch.equal(zeros, r.zeros.to(torch.int32))
+    with pytest.raises(EpmqError, match=r"up_proj\.zeros: zero point 0 .* v1"):
+        export_checkpoint(model, results, tmp_path / "v1", format="gptq-v1")
+    assert not (tmp_path / "v1").exists()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])  # gptq (v1), gptq_v2
+def test_gptq_loads_with_gptqmodel_when_installed(tmp_path: Path, symmetric: bool) -> None:
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
     model = tiny_llama()
-    results = quantize_model(model, ("lm_head",), QuantGrid(4, 32, symmetric=True))
+    results = quantize_model(model, ("lm_head",), QuantGrid(4, 32, symmetric=symmetric))
     export_checkpoint(model, results, tmp_path / "gptq", format="gptq")
     reference = dequantized_reference(model, results, scale_dtype=torch.float16)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cpu").eval()

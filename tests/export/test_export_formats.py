@@ -39,27 +39,53 @@ GRIDS = [
 ]
 
 
-@pytest.mark.parametrize(("bits", "group_size", "symmetric"), GRIDS)
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_layout_round_trip(bits: int, group_size: int, symmetric: bool, act_order: bool):
-    result = _quantize(bits, group_size, symmetric, act_order)
-    q = check_weight("m", result)
-    if group_size > 0:
-        assert q.act_order == act_order  # a reordered g_idx is really exercised
-    if bool((q.zeros == 0).any()):
-        pytest.skip("zero point 0 is refused by GPTQ v1 (tested separately)")
-    tensors = gptq_format.pack_module(q)
-    n_groups = q.n_groups
-    assert tensors["qweight"].shape == (IN * bits // 32, OUT)
-    assert tensors["qzeros"].shape == (n_groups, -(-OUT * bits // 32))
-    assert tensors["scales"].shape == (n_groups, OUT)
+def _assert_gptq_round_trip(result, q, checkpoint_format: str | None) -> dict:
+    tensors = gptq_format.pack_module(q, checkpoint_format=checkpoint_format)
+    bits, n_groups, out_f = q.bits, q.n_groups, q.shape[0]
+    assert tensors["qweight"].shape == (IN * bits // 32, out_f)
+    assert tensors["qzeros"].shape == (n_groups, -(-out_f * bits // 32))
+    assert tensors["scales"].shape == (n_groups, out_f)
     assert tensors["scales"].dtype == torch.float16
     assert tensors["g_idx"].dtype == torch.int32
-    codes, scales, zeros, g_idx = gptq_format.unpack_module(tensors, bits)
+    fmt = checkpoint_format or gptq_format.default_checkpoint_format(q.symmetric)
+    codes, scales, zeros, g_idx = gptq_format.unpack_module(tensors, bits, fmt)
     assert torch.equal(codes, result.codes.to(torch.int32))
     assert torch.equal(zeros, result.zeros.to(torch.int32))
     assert torch.equal(g_idx, result.g_idx)
     assert torch.equal(scales, result.scales.to(torch.float16).to(torch.float32))
+    return tensors
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), GRIDS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_layout_round_trip(bits: int, group_size: int, symmetric: bool, act_order: bool):
+    """Default format (v1 symmetric, v2 asymmetric): exact for every grid, zero points 0 too."""
+    result = _quantize(bits, group_size, symmetric, act_order)
+    q = check_weight("m", result)
+    if group_size > 0:
+        assert q.act_order == act_order  # a reordered g_idx is really exercised
+    _assert_gptq_round_trip(result, q, None)
+    if not bool((q.zeros == 0).any()):  # v1 holds the asymmetric grids without a zero point 0
+        _assert_gptq_round_trip(result, q, gptq_format.V1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_v2_stores_zero_points_as_is(bits: int, act_order: bool) -> None:
+    """Non-negative rows give zero point 0: v2 stores it exactly, and its qzeros are AutoGPTQ's
+    packing of the plain zero points (v1's are of zero - 1, which cannot hold 0)."""
+    w = torch.randn(64, IN, generator=torch.Generator().manual_seed(bits))
+    w[:32] = w[:32].abs()  # zero point 0 in these rows, mixed zero points in the others
+    grid = QuantGrid(bits, 32, symmetric=False)
+    result = gptq(w, _hessian(bits), grid, act_order=True) if act_order else rtn(w, grid)
+    q = check_weight("enc.fc", result)
+    assert bool((q.zeros == 0).any()) and bool((q.zeros > 0).any())
+    assert q.act_order == act_order
+    tensors = _assert_gptq_round_trip(result, q, gptq_format.V2)
+    qzeros = autogptq_pack_rows(q.zeros.numpy(), bits).T
+    assert torch.equal(tensors["qzeros"], torch.from_numpy(qzeros.copy()))
+    with pytest.raises(EpmqError, match=r"enc\.fc\.zeros: zero point 0 .*v1.*format 'gptq'"):
+        gptq_format.pack_module(q, checkpoint_format=gptq_format.V1)
 
 
 def test_gptq_stores_zero_minus_one() -> None:
@@ -67,14 +93,6 @@ def test_gptq_stores_zero_minus_one() -> None:
     qzeros = gptq_format.pack_module(q)["qzeros"]
     # symmetric 4-bit: z = 8 stored as 7 in every nibble
     assert bool((qzeros == 0x77777777).all())
-
-
-def test_gptq_refuses_zero_point_zero() -> None:
-    w = _weight(1).abs()  # non-negative rows: asymmetric zero point 0
-    q = check_weight("enc.fc", rtn(w, QuantGrid(4, 32, symmetric=False)))
-    assert bool((q.zeros == 0).any())
-    with pytest.raises(EpmqError, match=r"enc\.fc\.zeros: zero point 0"):
-        gptq_format.pack_module(q)
 
 
 @pytest.mark.parametrize(("bits", "group_size", "symmetric"), GRIDS)
@@ -122,8 +140,17 @@ def test_compressed_tensors_matches_reference_compressor(
 
 def test_compressed_tensors_refuses_act_order() -> None:
     q = check_weight("enc.fc", _quantize(4, 32, False, act_order=True))
-    with pytest.raises(EpmqError, match=r"enc\.fc: act-order.*gptq"):
+    with pytest.raises(EpmqError, match=r"enc\.fc: act-order.*actorder='group'.*'gptq'"):
         ct.pack_module(q, torch.float16)
+
+
+def test_compressed_tensors_still_rejects_group_actorder() -> None:
+    """The reason for the refusal above: the installed compressed-tensors has no scheme that
+    carries weight_g_idx. If this fails, a release accepts actorder='group' again and act-order
+    exports can be reconsidered."""
+    cq = pytest.importorskip("compressed_tensors.quantization")
+    with pytest.raises(ValueError, match="actorder='group' has been removed"):
+        cq.QuantizationArgs(num_bits=4, group_size=32, strategy="group", actorder="group")
 
 
 def test_static_groups_act_order_is_plain_layout() -> None:
@@ -168,6 +195,17 @@ def test_gptq_config_refuses_mixed_grids() -> None:
     assert (config["bits"], config["group_size"], config["sym"]) == (4, 32, True)
     assert config["checkpoint_format"] == "gptq"
     assert config["desc_act"] is False
+
+
+def test_gptq_config_names_the_checkpoint_format() -> None:
+    sym = {"l.0.a": check_weight("a", rtn(_weight(0), QuantGrid(4, 32, True)))}
+    asym = {"l.0.a": check_weight("a", rtn(_weight(0), QuantGrid(4, 32, False)))}
+    assert gptq_format.quantization_config(sym, [])["checkpoint_format"] == "gptq"
+    assert gptq_format.quantization_config(asym, [])["checkpoint_format"] == "gptq_v2"
+    forced = get_format("gptq-v1").quantization_config(asym, [])
+    assert (forced["checkpoint_format"], forced["sym"]) == ("gptq", False)
+    with pytest.raises(EpmqError, match="unknown GPTQ checkpoint format 'gptq_v3'"):
+        gptq_format.quantization_config(sym, [], checkpoint_format="gptq_v3")
 
 
 def test_unknown_format_lists_valid_ones() -> None:

@@ -4,7 +4,7 @@
         [--symmetric] [--act-order] [--alpha 0.1] [--x-source quantized|merged|expert] \\
         [--target expert|merged] [--expert TASK=DIR ...] --calib TASK=FILE [--calib ...] \\
         [--calib-size 128] [--max-length 128] \\
-        [--format compressed-tensors|gptq|dequantized] --out DIR [--force] [--resume]
+        [--format compressed-tensors|gptq|gptq-v1|dequantized] --out DIR [--force] [--resume]
 
 Calibration files are ``.txt`` (one example per line), ``.jsonl`` or ``.csv`` (a ``text``
 field/column, or ``--text-field``); see :mod:`epmq.calib.text_data`. E-PMQ (and
@@ -162,7 +162,8 @@ def quantize_command(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     fmt: Annotated[
-        str, typer.Option("--format", help="compressed-tensors, gptq or dequantized.")
+        str,
+        typer.Option("--format", help="compressed-tensors, gptq, gptq-v1 or dequantized."),
     ] = "compressed-tensors",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Float type of scales and other tensors.")
@@ -196,9 +197,11 @@ def quantize_command(
     why = "method epmq" if method == "epmq" else "--x-source expert"
     _check_tasks(calib_files, expert_dirs, needs, why)
     if act_order and fmt == "compressed-tensors" and group_size > 0 and not static_groups:
+        from epmq.export.compressed_tensors_format import ACT_ORDER_REASON
+
         raise EpmqError(
-            "--act-order with groups cannot be stored as compressed-tensors; add "
-            "--static-groups, or use --format gptq"
+            f"--act-order with groups cannot be stored as compressed-tensors ({ACT_ORDER_REASON}); "
+            "add --static-groups, or use --format gptq, which stores g_idx"
         )
     run_quantize(
         model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric,

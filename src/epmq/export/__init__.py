@@ -1,8 +1,10 @@
 """epmq.export: deployable low-bit checkpoints that standard runtimes load.
 
 Formats (see :mod:`epmq.export.formats`): ``compressed-tensors`` (pack-quantized; transformers
-with the compressed-tensors package, vLLM), ``gptq`` (GPTQ v1 layout; GPTQModel / AutoGPTQ /
-optimum) and ``dequantized`` (plain float checkpoint of the rounded weights).
+with the compressed-tensors package, vLLM), ``gptq`` (GPTQ layout: v1 for symmetric grids,
+``gptq_v2`` for asymmetric ones; GPTQModel / optimum / vLLM, see
+:mod:`epmq.export.gptq_format`), ``gptq-v1`` (v1 for every grid) and ``dequantized`` (plain
+float checkpoint of the rounded weights).
 """
 
 from epmq.export.checkpoint import export_checkpoint

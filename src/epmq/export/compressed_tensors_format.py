@@ -16,10 +16,15 @@ compressed-tensors dequantizes ``w = scale * (s - zp_signed)``; epmq's unsigned 
 mapping is exact. A symmetric compressed-tensors scheme has no stored zero point (it is 0 in
 the signed range), which is epmq's symmetric grid ``z = 2**(b-1)``.
 
-Act-order: compressed-tensors 0.20 removed the ``actorder="group"`` scheme (``weight_g_idx``);
-``actorder="weight"`` only changes calibration order, not the stored layout. A result whose
-``g_idx`` is not ``j // group_size`` therefore cannot be represented and is refused (quantize
-with static groups, or export it as ``gptq``).
+Act-order: a result whose ``g_idx`` is not ``j // group_size`` is refused. Checked against
+compressed-tensors 0.20 (``quantization/quant_args.py``) and transformers 5.23 on CPU: the only
+scheme that carried ``weight_g_idx`` was ``actorder="group"``, and 0.20's ``QuantizationArgs``
+validator rejects it ("actorder='group' has been removed"), so such a config.json fails to load;
+with ``actorder="weight"`` (which only changes the calibration order) or none, a stored
+``weight_g_idx`` is ignored and every column would be dequantized with the scale of group
+``j // group_size``, i.e. wrongly. No pack-quantized layout carries a column permutation, so:
+quantize with static groups (``--static-groups``) or without act-order, or export as ``gptq``,
+whose ``g_idx`` stores any order.
 """
 
 from __future__ import annotations
@@ -38,13 +43,20 @@ FORMAT = "pack-quantized"
 FALLBACK_CT_VERSION = "0.20.0"
 
 
+# Why act-order cannot be exported as compressed-tensors (see the module docs).
+ACT_ORDER_REASON = (
+    "compressed-tensors 0.20 rejects actorder='group', the only scheme with weight_g_idx, and "
+    "ignores a stored weight_g_idx otherwise, which would dequantize columns in the wrong groups"
+)
+
+
 def check_representable(q: QuantizedWeight) -> None:
     """Refuse what pack-quantized cannot store (act-order groups)."""
     if q.act_order:
         raise EpmqError(
-            f"{q.name}: act-order g_idx (columns not in group order) cannot be stored in "
-            "compressed-tensors pack-quantized (compressed-tensors removed weight_g_idx); "
-            "quantize with static groups or without act-order, or export with format 'gptq'"
+            f"{q.name}: act-order g_idx (columns not in group order) cannot be stored as "
+            f"compressed-tensors ({ACT_ORDER_REASON}); quantize with static groups or without "
+            "act-order, or export with format 'gptq', which stores g_idx"
         )
 
 

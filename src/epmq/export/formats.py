@@ -1,4 +1,5 @@
-"""Registry of export formats by name: ``compressed-tensors``, ``gptq``, ``dequantized``.
+"""Registry of export formats by name: ``compressed-tensors``, ``gptq``, ``gptq-v1``,
+``dequantized``.
 
 A format turns each checked :class:`~epmq.export.quantized.QuantizedWeight` into the tensors
 that replace the module's ``weight`` in the checkpoint, and builds the ``quantization_config``
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -73,9 +75,20 @@ register_format(
 register_format(
     ExportFormat(
         name="gptq",
-        description="GPTQ v1 qweight/qzeros/scales/g_idx (GPTQModel, AutoGPTQ, optimum)",
+        description="GPTQ qweight/qzeros/scales/g_idx: v1 if symmetric, gptq_v2 if asymmetric",
         pack_module=gptq_format.pack_module,
         quantization_config=gptq_format.quantization_config,
+        config_files=("quantize_config.json",),
+    )
+)
+register_format(
+    ExportFormat(
+        name="gptq-v1",
+        description="GPTQ v1 layout for every grid (v1-only runtimes; no zero point 0)",
+        pack_module=partial(gptq_format.pack_module, checkpoint_format=gptq_format.V1),
+        quantization_config=partial(
+            gptq_format.quantization_config, checkpoint_format=gptq_format.V1
+        ),
         config_files=("quantize_config.json",),
     )
 )
