@@ -2,12 +2,15 @@
 
 The encoder (merged, quantized, an expert or the base) is shared; each task brings its own
 linear head on mean-pooled features. Inference runs under ``torch.inference_mode`` on
-length-sorted, dynamically padded batches, so short-input tasks cost little.
+length-sorted, dynamically padded batches, so short-input tasks cost little. Each test split is
+tokenized and batched once (:func:`prepared_split` keeps the padded batches of the latest
+splits), so an experiment that evaluates dozens of models on the same tasks tokenizes once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,23 @@ import torch
 from torch import nn
 
 from epmq.errors import EpmqError
-from epmq.suites.batching import encode, length_sorted_batches
+from epmq.suites.batching import Batch, encode, length_sorted_batches
 from epmq.suites.classifier import load_tokenizer, pooled_features
 from epmq.suites.task import Task
 
 _TOKENIZERS: dict[str, Any] = {}
+_BATCH_CACHE_SIZE = 64  # test splits whose padded batches are kept (8 tasks x a few settings)
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """A test split tokenized and cut into length-sorted padded batches, with its labels."""
+
+    batches: list[tuple[list[int], Batch]]
+    labels: torch.Tensor
+
+
+_BATCHES: dict[tuple[Any, ...], tuple[Any, PreparedSplit]] = {}
 
 
 def tokenizer_for(encoder: nn.Module) -> Any:
@@ -48,16 +63,58 @@ def predict(
     batch_size: int = 128,
 ) -> torch.Tensor:
     """Predicted class index of each text (in input order)."""
+    _check_batch_size(batch_size)
+    encoded = encode(tokenizer, texts, max_length=max_length, truncation_side=truncation_side)  # type: ignore[arg-type]
+    batches = length_sorted_batches(encoded, batch_size, tokenizer.pad_token_id)
+    return predict_batches(encoder, head, batches, len(texts))
+
+
+@torch.inference_mode()
+def predict_batches(
+    encoder: nn.Module, head: nn.Module, batches: Sequence[tuple[list[int], Batch]], n: int
+) -> torch.Tensor:
+    """Predicted class index of each of ``n`` examples given as (indices, padded batch)."""
+    predictions = torch.empty(n, dtype=torch.long)
+    head_param = next(head.parameters())
+    for index, batch in batches:
+        features = pooled_features(encoder, batch).to(head_param.device)
+        predictions[index] = head(features.to(head_param.dtype)).argmax(-1).cpu()
+    return predictions
+
+
+def prepared_split(
+    task: Task, tokenizer: Any, batch_size: int, max_examples: int | None = None
+) -> PreparedSplit:
+    """The first ``max_examples`` test examples of ``task`` as padded length-sorted batches.
+
+    Tokenized once per (tokenizer, split, length settings, batch size): later calls with the
+    same arguments return the same batches (the latest ``_BATCH_CACHE_SIZE`` are kept).
+    """
+    _check_batch_size(batch_size)
+    split = task.test
+    key = (id(tokenizer), split, task.max_length, task.truncation_side, batch_size, max_examples)
+    hit = _BATCHES.get(key)
+    if hit is not None and hit[0] is tokenizer:  # the entry holds the tokenizer: ids stay unique
+        return hit[1]
+    texts = split.texts[:max_examples]
+    if not texts:
+        raise EpmqError(f"task {task.name}: empty test split")
+    encoded = encode(
+        tokenizer, texts, max_length=task.max_length, truncation_side=task.truncation_side
+    )
+    prepared = PreparedSplit(
+        length_sorted_batches(encoded, batch_size, tokenizer.pad_token_id),
+        torch.as_tensor(split.labels[:max_examples], dtype=torch.long),
+    )
+    if len(_BATCHES) >= _BATCH_CACHE_SIZE:
+        del _BATCHES[next(iter(_BATCHES))]
+    _BATCHES[key] = (tokenizer, prepared)
+    return prepared
+
+
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise EpmqError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = encode(tokenizer, texts, max_length=max_length, truncation_side=truncation_side)  # type: ignore[arg-type]
-    predictions = torch.empty(len(texts), dtype=torch.long)
-    head_device = next(head.parameters()).device
-    for index, batch in length_sorted_batches(encoded, batch_size, tokenizer.pad_token_id):
-        features = pooled_features(encoder, batch).to(head_device)
-        head_dtype = next(head.parameters()).dtype
-        predictions[index] = head(features.to(head_dtype)).argmax(-1).cpu()
-    return predictions
 
 
 def evaluate_accuracy(
@@ -88,24 +145,13 @@ def evaluate_accuracy(
     results = {}
     try:
         for task in tasks:
-            texts = task.test.texts[:max_examples]
-            labels = torch.as_tensor(task.test.labels[:max_examples], dtype=torch.long)
-            if not texts:
-                raise EpmqError(f"task {task.name}: empty test split")
+            prepared = prepared_split(task, tokenizer, batch_size, max_examples)
             head = heads[task.name]
             head_training = head.training
             head.eval()
-            predicted = predict(
-                encoder,
-                head,
-                texts,
-                tokenizer,
-                max_length=task.max_length,
-                truncation_side=task.truncation_side,
-                batch_size=batch_size,
-            )
+            predicted = predict_batches(encoder, head, prepared.batches, len(prepared.labels))
             head.train(head_training)
-            results[task.name] = int((predicted == labels).sum()) / len(texts)
+            results[task.name] = int((predicted == prepared.labels).sum()) / len(prepared.labels)
     finally:
         encoder.train(was_training)
     return results
