@@ -28,8 +28,10 @@ WORDS = [
     "river", "stone", "tree", "sun", "moon", "rain", "happy", "sad", "old", "new",
 ]  # fmt: skip
 CLASSES = ("alpha", "beta", "gamma")
+TEMPLATES = ["a photo of a {}", "a {}"]  # no full stop: the word-level tokenizer keeps "cat." whole
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 N_TRAIN, N_CALIB, N_TEST = 16, 8, 16
+POOL = 120  # candidate inputs per task, of which the clearest N_TRAIN + N_CALIB + N_TEST are kept
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Family:
     experts: dict[str, Path]  # task -> expert folder
     modality: str
     splits: dict[str, dict[str, tuple[list[Any], list[int]]]] = field(default_factory=dict)
-    task_fields: dict[str, Any] = field(default_factory=dict)
+    task_fields: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra task config
 
 
 def texts(seed: int, n: int) -> list[str]:
@@ -50,8 +52,12 @@ def texts(seed: int, n: int) -> list[str]:
 
 
 def images(seed: int, n: int) -> np.ndarray:
-    """``n`` random 32×32 RGB images (uint8), already at the model's size."""
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    """``n`` random 32×32 RGB images (uint8), already at the model's size: a random colour per
+    image plus noise, so that images differ as much as texts do."""
+    rng = np.random.default_rng(seed)
+    colour = rng.uniform(0, 255, (n, 1, 1, 3))
+    noise = rng.normal(0, 40, (n, 32, 32, 3))
+    return np.clip(colour + noise, 0, 255).astype(np.uint8)
 
 
 def pixel_values(batch: np.ndarray) -> torch.Tensor:
@@ -95,8 +101,45 @@ def save_head(folder: Path, head: nn.Linear) -> None:
     )
 
 
-def _label(predict: Callable[[list[Any]], torch.Tensor], inputs: list[Any]) -> list[int]:
-    return [int(y) for y in predict(inputs)]
+def centred_head(width: int, seed: int, features: torch.Tensor) -> nn.Linear:
+    """A random linear head whose logits are centred on ``features``, so every class wins on
+    some inputs."""
+    head = linear_head(width, seed)
+    with torch.no_grad():
+        head.bias.copy_(-(features.float().mean(0) @ head.weight.T))
+    return head
+
+
+def best_words(scores: torch.Tensor, k: int = len(CLASSES)) -> list[int]:
+    """The ``k`` candidate columns of ``scores`` [inputs, candidates] whose argmax spreads the
+    inputs most evenly over them (maximal smallest class)."""
+    from itertools import combinations
+
+    best, best_count = list(range(k)), -1
+    for combo in combinations(range(scores.shape[1]), k):
+        counts = torch.bincount(scores[:, list(combo)].argmax(1), minlength=k)
+        if int(counts.min()) > best_count:
+            best, best_count = list(combo), int(counts.min())
+    return best
+
+
+def clearest(inputs: list[Any], scores: torch.Tensor) -> dict[str, tuple[list[Any], list[int]]]:
+    """Keep the inputs whose predicted class wins by the widest margin, drawn round-robin over
+    the classes so each class is represented, and cut them into train / calib / test."""
+    top = scores.float().topk(2, dim=1).values
+    margin = (top[:, 0] - top[:, 1]).tolist()
+    labels = scores.argmax(1).tolist()
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(range(len(inputs)), key=lambda i: -margin[i]):
+        by_class.setdefault(labels[i], []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    chosen: list[int] = []
+    while len(chosen) < N_TRAIN + N_CALIB + N_TEST:
+        for queue in queues:
+            if queue and len(chosen) < N_TRAIN + N_CALIB + N_TEST:
+                chosen.append(queue.pop(0))
+    random.Random(0).shuffle(chosen)
+    return _splits([inputs[i] for i in chosen], [labels[i] for i in chosen])
 
 
 # -- families ---------------------------------------------------------------------------------
@@ -117,28 +160,27 @@ def build_bert(root: Path, tasks: Sequence[str]) -> Family:
         expert = BertModel(config, add_pooling_layer=False)
         expert.load_state_dict(base.state_dict())
         perturbed(expert, number + 1, ".layer.")
-        head = linear_head(32, 100 + number)
+        inputs = texts(10 + number, POOL)
+        enc = tok(inputs, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = expert(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            features = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling over real tokens
+            head = centred_head(32, 100 + number, features)
+            scores = head(features)
         folder = root / f"expert_{task}"
         expert.save_pretrained(folder)
         tok.save_pretrained(folder)
         save_head(folder, head)
         family.experts[task] = folder
-
-        def predict(batch: list[str], expert: nn.Module = expert, head: nn.Module = head) -> Any:
-            enc = tok(batch, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                hidden = expert(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            return head((hidden * mask).sum(1) / mask.sum(1)).argmax(-1)
-
-        family.splits[task] = _text_splits(number, predict)
+        family.splits[task] = clearest(inputs, scores)
     return family
 
 
 def build_clip(root: Path, tasks: Sequence[str], *, head_files: bool = False) -> Family:
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
-    from epmq.models.clip import classify, zero_shot_head
+    from epmq.models.clip import image_features, zero_shot_head
 
     text = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -179,28 +221,31 @@ def build_clip(root: Path, tasks: Sequence[str], *, head_files: bool = False) ->
         perturbed(expert, number + 1, ".layers.")
         folder = root / f"expert_{task}"
         expert.save_pretrained(folder)
-        if head_files:
-            head: nn.Module = linear_head(16, 100 + number)
-            save_head(folder, head)
-        else:
-            head = zero_shot_head(base, tok, list(CLASSES), ["a photo of a {}."])
+        inputs = list(images(10 + number, POOL))
+        with torch.no_grad():
+            features = image_features(
+                expert, pixel_values(np.stack(inputs)), base.visual_projection
+            )
+            if head_files:
+                head = centred_head(16, 100 + number, features)
+                save_head(folder, head)
+                scores = head(features)
+            else:  # zero-shot: the class names are the vocabulary words that split the images
+                words = [w for w in WORDS if w != "a"]
+                candidates = zero_shot_head(base, tok, words, TEMPLATES)
+                chosen = best_words(candidates(features))
+                names = [words[i] for i in chosen]
+                family.task_fields[task] = {"label_words": names, "templates": TEMPLATES}
+                scores = zero_shot_head(base, tok, names, TEMPLATES)(features)
         family.experts[task] = folder
-
-        def predict(
-            batch: list[np.ndarray], expert: nn.Module = expert, head: nn.Module = head
-        ) -> Any:
-            pixels = pixel_values(np.stack(batch))
-            return classify(expert, head, pixels, base.visual_projection).argmax(-1)
-
-        inputs = list(images(10 + number, N_TRAIN + N_CALIB + N_TEST))
-        family.splits[task] = _splits(inputs, _label(predict, inputs))
+        family.splits[task] = clearest(inputs, scores)
     return family
 
 
 def build_t5(root: Path, tasks: Sequence[str]) -> Family:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from epmq.models.t5 import score_label_words
+    from epmq.models.t5 import label_word_log_likelihoods
 
     config = T5Config(
         vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -209,13 +254,15 @@ def build_t5(root: Path, tasks: Sequence[str]) -> Family:
     torch.manual_seed(0)
     base = T5ForConditionalGeneration(config).eval()
     tok = word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>")
-    return _generative("t5", root, tasks, base, tok, ".block.", score_label_words, "{text}")
+    return _generative(
+        "t5", root, tasks, base, tok, ".block.", label_word_log_likelihoods, "{text}"
+    )
 
 
 def build_llama(root: Path, tasks: Sequence[str]) -> Family:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from epmq.models.llama import score_continuations
+    from epmq.models.llama import continuation_log_likelihoods
 
     config = LlamaConfig(
         vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -228,7 +275,7 @@ def build_llama(root: Path, tasks: Sequence[str]) -> Family:
                          bos_token="<s>", eos_token="</s>")  # fmt: skip
 
     def score(model: nn.Module, tok: Any, prompts: list[str], words: list[str]) -> Any:
-        return score_continuations(model, tok, prompts, [f" {w}" for w in words])
+        return continuation_log_likelihoods(model, tok, prompts, [f" {w}" for w in words])
 
     return _generative("llama", root, tasks, base, tok, ".layers.", score, "{text}\nAnswer:")
 
@@ -253,19 +300,14 @@ def _generative(
         folder = root / f"expert_{task}"
         expert.save_pretrained(folder)
         family.experts[task] = folder
-
-        def predict(batch: list[str], expert: nn.Module = expert) -> Any:
-            prompts = [prompt.replace("{text}", t) for t in batch]
-            with torch.no_grad():
-                return score(expert, tok, prompts, list(CLASSES))
-
-        family.splits[task] = _text_splits(number, predict)
+        inputs = texts(10 + number, POOL)
+        prompts = [prompt.replace("{text}", t) for t in inputs]
+        with torch.no_grad():  # the label words: the vocabulary words that split the inputs
+            candidates = score(expert, tok, prompts, WORDS)
+        chosen = best_words(candidates)
+        family.task_fields[task] = {"label_words": [WORDS[i] for i in chosen]}
+        family.splits[task] = clearest(inputs, candidates[:, chosen])
     return family
-
-
-def _text_splits(number: int, predict: Callable[[list[str]], Any]) -> dict[str, Any]:
-    inputs = texts(10 + number, N_TRAIN + N_CALIB + N_TEST)
-    return _splits(inputs, _label(predict, inputs))
 
 
 def _splits(inputs: list[Any], labels: list[int]) -> dict[str, tuple[list[Any], list[int]]]:

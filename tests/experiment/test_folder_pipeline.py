@@ -49,6 +49,7 @@ def config_for(family: Family, fmt: str, root: Path, **overrides: Any) -> dict[s
                 "format": fmt,
                 "classes": list(CLASSES),
                 "calib_size": 8,
+                **family.task_fields.get(task, {}),
             }
         )
     config = {
@@ -198,3 +199,38 @@ def test_user_mistake_on_the_command_line(families: dict[str, Family], tmp_path:
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing" in lines[0], done.stderr
+
+
+def test_quantized_variants_are_exported(families: dict[str, Family], tmp_path: Path) -> None:
+    from epmq.experiment.folders import folder_workload
+
+    config = parse_config(
+        config_for(
+            families["bert"],
+            "jsonl",
+            tmp_path,
+            quantization={"methods": ["gptq", "epmq"], "bits": [4], "evaluate_target": False},
+            output={
+                "dir": str(tmp_path / "report"),
+                "export": ["dequantized", "compressed-tensors"],
+            },
+        )
+    )
+    results, out = run_session(config, progress=False, announce=lambda _: None)
+    exports = results.settings["exports"]
+    assert [(e["variant"], e["format"]) for e in exports] == [
+        (name, fmt)
+        for name in ("task_arithmetic + gptq w4", "task_arithmetic + epmq w4 (α=0.1)")
+        for fmt in ("dequantized", "compressed-tensors")
+    ]
+    folder = out / "exports" / "dequantized" / "task_arithmetic-epmq-w4-a0.1"
+    assert (folder / "heads" / "first.safetensors").is_file()
+    packed = json.loads((out / exports[3]["folder"] / "config.json").read_text())
+    assert packed["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "## Exported checkpoints" in (out / "report.md").read_text()
+    # The exported float16 model scores what the table says (float16 may flip a near tie).
+    workload = folder_workload(config)
+    reloaded = workload.evaluate(workload.load_encoder(folder), workload.heads, list(TASKS))
+    row = results.find(kind="quantized", quantizer="epmq")[0]
+    for task in TASKS:
+        assert abs(reloaded[task] - row.accuracy[task]) <= 1 / 16

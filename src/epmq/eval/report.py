@@ -52,7 +52,9 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
 def describe(row: Row) -> str:
     """A short description of how the row's model was made."""
     if row.kind == "pretrained":
-        return "pretrained encoder, linear probes"
+        return "pretrained model, " + (
+            "linear probes" if "probe" in row.name else "the experts' heads"
+        )
     if row.kind == "expert":
         return "each task's own expert"
     parts = {"merged": ["full precision"], "target": ["E-PMQ target W*, unrounded"]}.get(
@@ -291,6 +293,25 @@ def _sweep_lines(results: Results) -> list[str]:
     return lines
 
 
+def _export_lines(results: Results) -> list[str]:
+    """The exported checkpoints (``settings["exports"]``): folder and size against float16."""
+    exports = results.settings.get("exports") or []
+    if not exports:
+        return []
+    body = [
+        [
+            e["variant"],
+            e["format"],
+            f"`{e['folder']}`",
+            f"{e['weights_bytes'] / 2**20:.2f} MiB",
+            f"{e['weights_bytes'] / e['float16_bytes']:.3f}" if e["float16_bytes"] else "–",
+        ]
+        for e in exports
+    ]
+    header = ["model", "format", "folder", "weights on disk", "vs float16"]
+    return ["## Exported checkpoints", "", *_table(header, body), ""]
+
+
 def _settings_lines(results: Results) -> list[str]:
     v, m = results.versions, results.machine
     lines = ["## Settings", "", f"- suite: {results.suite}", f"- tasks: {', '.join(results.tasks)}"]
@@ -326,6 +347,7 @@ def render_markdown(
                 lines += [f"![{plot.title}]({plot.filename})", ""]
             else:
                 lines += [f"- {plot.title}: skipped, {plot.skipped}.", ""]
+    lines += _export_lines(results)
     lines += _settings_lines(results)
     text = "\n".join(lines).rstrip() + "\n"
     while "\n\n\n" in text:

@@ -4,6 +4,11 @@ The loop follows FusionBench's program (model pool → algorithm → task pool �
 post-merge quantization: for each merge of the plan, build the full-precision merge once, then
 every quantized variant from a fresh copy of it through the calibration engine, evaluating each
 model on every task as soon as it exists (so memory holds one merge and one variant at a time).
+
+Work that does not depend on the variant is done once: RTN rounds the weights without
+calibration data, and the variants of a merge that read their inputs from the full-precision
+merge (``x_source="merged"``) are solved from one :class:`epmq.calib.stats_cache.StatsCache`
+filled by the first of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from epmq.calib.engine import CalibrationRun
+from epmq.calib.stats_cache import StatsCache
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
 from epmq.experiment.config import ExperimentConfig, MergeSpec
 from epmq.experiment.plan import SWEEP, Variant, plan_experiment
@@ -25,6 +32,9 @@ from epmq.experiment.workload import Workload
 log = logging.getLogger(__name__)
 
 Announce = Callable[[str], None]
+# Called with every model built (merged, target, quantized) before its evaluation, with the
+# calibration run that produced it (None for the full-precision merge).
+OnModel = Callable[[Variant, nn.Module, CalibrationRun | None], None]
 
 
 def run_experiment(
@@ -33,6 +43,7 @@ def run_experiment(
     *,
     progress: bool = False,
     announce: Announce = print,
+    on_model: OnModel | None = None,
 ) -> Results:
     """Evaluate every variant of ``config`` on ``workload`` and return the results."""
     torch.manual_seed(config.seed)
@@ -63,23 +74,42 @@ def run_experiment(
     variants = plan_experiment(config)
     for merge in config.merges:
         merged = _build_merge(merge, base, workload, config, progress)
-        for variant in [v for v in variants if v.merge == merge.method]:
+        todo = [v for v in variants if v.merge == merge.method]
+        cache = StatsCache() if sum(_reads_merged(v) for v in todo) > 1 else None
+        for variant in todo:
             clock = time.perf_counter()
-            model = (
-                merged
+            model, run = (
+                (merged, None)
                 if variant.kind == "merged"
-                else _quantized_copy(merged, variant, workload, config, progress)
+                else _quantized_copy(merged, variant, workload, config, progress, cache)
             )
+            _tally(results, "variants_build", time.perf_counter() - clock)
+            if on_model is not None:
+                on_model(variant, model, run)
+            evaluating = time.perf_counter()
             accuracy = workload.evaluate(model, workload.heads, workload.tasks)
+            _tally(results, "variants_evaluate", time.perf_counter() - evaluating)
             seconds = time.perf_counter() - clock
             if variant.sweep == SWEEP:
                 results.sweeps.setdefault(ALPHA_SWEEP, []).append(_sweep_point(variant, accuracy))
                 announce(f"  sweep {variant.name}: {100 * _mean(accuracy):.1f}")
             else:
                 _add_row(results, _row(variant, seconds), accuracy, announce, seconds)
+        if cache is not None:
+            cache.close()
     _collect_sweep_from_rows(results, config)
     results.timings["experiment"] = time.perf_counter() - started
     return results
+
+
+def _tally(results: Results, key: str, seconds: float) -> None:
+    """Add ``seconds`` to the total ``results.timings[key]``."""
+    results.timings[key] = results.timings.get(key, 0.0) + seconds
+
+
+def _reads_merged(variant: Variant) -> bool:
+    """Whether ``variant`` is calibrated on the full-precision merge's activations."""
+    return variant.kind != "merged" and variant.x_source == "merged"
 
 
 def _mean(accuracy: dict[str, float]) -> float:
@@ -214,8 +244,13 @@ def _quantized_copy(
     workload: Workload,
     config: ExperimentConfig,
     progress: bool,
-) -> nn.Module:
-    """A copy of ``merged`` rounded (or retargeted) as ``variant`` says."""
+    cache: StatsCache | None = None,
+) -> tuple[nn.Module, CalibrationRun]:
+    """A copy of ``merged`` rounded (or retargeted) as ``variant`` says, and its run.
+
+    RTN runs without calibration data (its rounding never reads it; the records then carry no
+    proxy loss); ``cache`` serves the merged-stream statistics of ``x_source="merged"``.
+    """
     from epmq.calib import quantize_model
     from epmq.quant import QuantGrid
 
@@ -227,23 +262,25 @@ def _quantized_copy(
             bits=variant.bits or 4, group_size=variant.group_size or -1, symmetric=q.symmetric
         )
     needs_experts = variant.quantizer == "epmq" or variant.kind == "target"
-    quantize_model(
+    x_source = variant.x_source or "quantized"
+    run = quantize_model(
         model,
         None,
-        workload.calibration,
+        None if variant.quantizer == "rtn" else workload.calibration,
         method=variant.quantizer or "epmq",
         grid=grid,
         experts=_expert_sources(workload) if needs_experts else None,
         alpha=variant.alpha if variant.alpha is not None else q.alpha,
-        x_source=variant.x_source or "quantized",
+        x_source=x_source,
         target=variant.target or "expert",
         true_sequential=q.true_sequential,
         act_order=q.act_order,
         percdamp=q.percdamp,
         block_size=q.block_size,
         progress=progress,
+        stats_cache=cache if x_source == "merged" else None,
     )
-    return model.eval()
+    return model.eval(), run
 
 
 def write_outputs(results: Results, out_dir: Path, *, force: bool) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from epmq.atomic import output_dir, refuse_existing, write_text
 from epmq.eval.results import Results
 from epmq.experiment.config import ExperimentConfig
+from epmq.experiment.exports import VariantExporter
 from epmq.experiment.runner import run_experiment
 from epmq.experiment.workload import Workload, suite_workload
 
@@ -57,11 +58,22 @@ def run_session(
     announce(f"epmq: preparing workload {config.suite or config.name!r}")
     workload = build_workload(config, quick=quick, cache_dir=cache_dir, progress=progress)
     announce(f"epmq: {len(workload.tasks)} tasks: {', '.join(workload.tasks)}")
-    results = run_experiment(config, workload, progress=False, announce=announce)
-    results.timings["total"] = time.perf_counter() - started
     from epmq.eval.report import render_markdown, write_report
 
+    # The whole run builds its folder under a hidden partial name: exports land there as the
+    # variants are built, the report at the end, and only a finished run takes the name.
     with output_dir(out, force=force) as partial:
+        exporter = VariantExporter(config, workload, partial / "exports")
+        results = run_experiment(
+            config,
+            workload,
+            progress=False,
+            announce=announce,
+            on_model=exporter if config.output.export else None,
+        )
+        results.timings["total"] = time.perf_counter() - started
+        if exporter.written:
+            results.settings["exports"] = exporter.written
         write_report(results, partial, force=True)
         write_text(partial / "config.yaml", _config_yaml(config))
     announce("")

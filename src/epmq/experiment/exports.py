@@ -1,0 +1,81 @@
+"""Exporting an experiment's quantized models as deployable checkpoints (``output.export``).
+
+Every quantized variant of the table (not the α-sweep points) is written in every format the
+config lists, to ``<output dir>/exports/<format>/<variant>/`` (see :mod:`epmq.export`), as soon
+as it is built, so memory still holds one variant at a time. Linear task heads (BERT, CLIP
+head files) are stored beside the weights as ``heads/<task>.safetensors``; every folder's
+``epmq_record.json`` names the merge, quantizer and settings that made it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from epmq.atomic import save_tensors
+from epmq.calib.engine import CalibrationRun
+from epmq.experiment.config import ExperimentConfig
+from epmq.experiment.plan import Variant
+from epmq.experiment.workload import Workload
+
+
+def variant_folder_name(variant: Variant) -> str:
+    """A file-system-safe folder name for a variant (``task_arithmetic-epmq-w4-g128-a0.1``)."""
+    parts = [variant.merge, variant.quantizer or variant.kind, f"w{variant.bits}"]
+    if variant.group_size not in (None, -1):
+        parts.append(f"g{variant.group_size}")
+    if variant.quantizer == "epmq":
+        parts.append(f"a{variant.alpha:g}")
+        if variant.x_source not in (None, "quantized"):
+            parts.append(f"x-{variant.x_source}")
+        if variant.target == "merged":
+            parts.append("merged-targets")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "-".join(parts))
+
+
+class VariantExporter:
+    """The runner's ``on_model`` callback that exports quantized variants (module docs)."""
+
+    def __init__(self, config: ExperimentConfig, workload: Workload, root: Path) -> None:
+        self.config = config
+        self.workload = workload
+        self.root = Path(root)
+        self.written: list[dict[str, Any]] = []
+
+    def __call__(self, variant: Variant, model: nn.Module, run: CalibrationRun | None) -> None:
+        if variant.kind != "quantized" or variant.sweep is not None or run is None:
+            return
+        from epmq.export import export_checkpoint
+
+        for fmt in self.config.output.export:
+            folder = self.root / fmt / variant_folder_name(variant)
+            summary = export_checkpoint(
+                model,
+                run.results,
+                folder,
+                format=fmt,
+                base_dir=self.workload.base_dir,
+                record={"experiment": self.config.name, "variant": variant.name, **run.settings},
+                force=True,
+            )
+            self._write_heads(folder)
+            self.written.append(
+                {
+                    "variant": variant.name,
+                    "format": fmt,
+                    "folder": str(folder.relative_to(self.root.parent)),
+                    "weights_bytes": summary.weights_bytes,
+                    "float16_bytes": summary.float16_bytes,
+                }
+            )
+
+    def _write_heads(self, folder: Path) -> None:
+        for task, head in self.workload.heads.items():
+            if isinstance(head, nn.Linear):
+                tensors = {"weight": head.weight.detach().float().contiguous()}
+                if head.bias is not None:
+                    tensors["bias"] = head.bias.detach().float().contiguous()
+                save_tensors(folder / "heads" / f"{task}.safetensors", tensors)
