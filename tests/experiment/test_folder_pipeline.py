@@ -234,3 +234,20 @@ def test_quantized_variants_are_exported(families: dict[str, Family], tmp_path: 
     row = results.find(kind="quantized", quantizer="epmq")[0]
     for task in TASKS:
         assert abs(reloaded[task] - row.accuracy[task]) <= 1 / 16
+
+
+def test_image_preprocessing_from_the_config(families: dict[str, Family], tmp_path: Path) -> None:
+    from epmq.experiment.folders import folder_workload
+
+    family = families["clip"]
+    base = _copy(family.base, tmp_path / "bare")
+    (base / "preprocessor_config.json").unlink()
+    config = config_for(family, "npz", tmp_path)
+    config["base"]["path"] = str(base)
+    _fails(config, r"no preprocessor_config\.json.*'image' block")
+    config["image"] = {"size": 32, "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    workload = folder_workload(parse_config(config))
+    experts = {t: workload.load_encoder(workload.expert_dirs[t]) for t in TASKS}
+    # The config's preprocessing equals the processor file's: each expert is exact on its task.
+    for task in TASKS:
+        assert workload.evaluate(experts[task], workload.heads, [task]) == {task: 1.0}
