@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from epmq.calib.capture import BlockCall
-from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import LayerProblem, SolveOptions, solve_layer
 from epmq.calib.statistics import LinearInputs, TaskStatistics
+from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
 
@@ -50,7 +50,7 @@ class BlockJob:
     x_source: str
     true_sequential: bool
     keep_grams: bool = False
-    reducer: GramReducer | None = None
+    stats_cache: StatsCache | None = None
 
     @property
     def prefix(self) -> str:
@@ -85,21 +85,33 @@ class BlockJob:
     # -- the lifecycle ------------------------------------------------------------------------
     @torch.no_grad()
     def run(
-        self, calls: Streams, expert_calls: Streams | None
-    ) -> tuple[BlockOutcome, Streams, Streams | None]:
-        """Solve the block; return the outcome and the next block's calls (and expert stream)."""
-        expert_stream = self.x_source == "expert"
+        self, calls: Streams | None, expert_calls: Streams | None
+    ) -> tuple[BlockOutcome, Streams | None, Streams | None]:
+        """Solve the block; return the outcome and the next block's calls (and expert stream).
+
+        Without ``calls`` nothing runs through the block: RTN rounds each weight alone (no
+        proxy loss), and with a filled ``stats_cache`` (``x_source="merged"``) every linear is
+        solved from the cached statistics of the merged stream.
+        """
+        expert_stream = self.x_source == "expert" and calls is not None
         states = None
         if self.options.method in ("epmq", "regmean") or expert_stream:
             states = self.expert_states(linear_only=not expert_stream)
         twins = self.expert_blocks(states) if expert_stream and states is not None else None
         groups = self.adapter.linear_groups(self.block)
         outcome = BlockOutcome()
+        if calls is None:
+            cache = self.stats_cache
+            stats = None if cache is None else cache.load(self.stage.name, self.index, self.block)
+            self._solve([n for g in groups for n in g], stats, states, outcome)
+            return outcome, None, None
         if self.x_source == "merged":
             names = [n for g in groups for n in g]
             stats, merged_next = self._calibrate(names, calls, None, None, propagate=True)
             assert merged_next is not None
             next_calls = merged_next
+            if self.stats_cache is not None:
+                self.stats_cache.store(self.stage.name, self.index, stats)
             self._solve(names, stats, states, outcome)
         else:
             # RTN ignores its inputs, so one pass (for the proxy losses) serves every group.
@@ -113,14 +125,17 @@ class BlockJob:
 
     @torch.no_grad()
     def replay(
-        self, calls: Streams, expert_calls: Streams | None, weights: dict[str, Tensor]
-    ) -> tuple[Streams, Streams | None]:
+        self, calls: Streams | None, expert_calls: Streams | None, weights: dict[str, Tensor]
+    ) -> tuple[Streams | None, Streams | None]:
         """Propagate through a block finished by an earlier run, loading its solved weights.
 
         The inputs are propagated exactly as the original run did: through the full-precision
         block for ``x_source="merged"`` (then the weights are loaded), else through the solved
-        block.
+        block. Without ``calls`` (a run without data) the weights are only loaded.
         """
+        if calls is None:
+            self.load(weights)
+            return None, None
         twins = None
         if self.x_source == "expert":
             twins = self.expert_blocks(self.expert_states(linear_only=False))
@@ -187,14 +202,12 @@ class BlockJob:
                     task_out.append(call.advanced(self.adapter, self.stage, self.index, out))
             if outputs is not None:
                 outputs[task] = task_out
-        if self.reducer is not None:
-            self.reducer.reduce_(stats)
         return stats, outputs
 
     def _solve(
         self,
         names: list[str],
-        stats: TaskStatistics,
+        stats: TaskStatistics | None,
         states: list[dict[str, Tensor]] | None,
         outcome: BlockOutcome,
     ) -> None:
@@ -202,18 +215,15 @@ class BlockJob:
             module = self.block.get_submodule(name)
             full = f"{self.prefix}.{name}"
             experts = None if states is None else [s[f"{name}.weight"] for s in states]
-            grams = stats.grams(name)
-            problem = LayerProblem(
-                full, module.weight.detach().float(), grams, stats.crosses(name), experts
-            )
+            grams = None if stats is None else stats.grams(name)
+            crosses = None if stats is None else stats.crosses(name)
+            problem = LayerProblem(full, module.weight.detach().float(), grams, crosses, experts)
             solution = solve_layer(problem, self.options)
-            if self.reducer is not None:
-                self.reducer.share_(solution, full)
             module.weight.data.copy_(solution.weight.to(module.weight.dtype))
             outcome.weights[full] = module.weight.detach().clone()
             if solution.result is not None:
                 outcome.results[full] = solution.result
-            if self.keep_grams:
+            if self.keep_grams and grams is not None:
                 outcome.grams[f"{full}.weight"] = grams
             record = LayerRecord(
                 name=full,
@@ -221,7 +231,7 @@ class BlockJob:
                 block=self.index,
                 method=self.options.method,
                 shape=(int(module.out_features), int(module.in_features)),
-                tokens=stats.counts(name),
+                tokens={} if stats is None else stats.counts(name),
                 proxy_loss=solution.proxy_loss,
                 damping=solution.damping,
                 damping_retries=solution.damping_retries,

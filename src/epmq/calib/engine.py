@@ -12,6 +12,10 @@ Where the linears' inputs come from (``x_source``): ``quantized`` (default; thro
 as rounded so far), ``merged`` (through the full-precision merged model), ``expert`` (as
 ``quantized``, plus each expert's own activations through its own blocks for the targets:
 ``C_i = X_i^expert X_iᵀ / n_i``). Expert tensors are read one block at a time.
+
+Two runs need no forward pass at all: RTN without calibration data (``calib=None``: every
+weight rounded alone), and ``x_source="merged"`` with a :class:`StatsCache` already filled by
+an earlier run on the same merge (every block solved from the cached statistics).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from epmq.atomic import write_json
 from epmq.calib.block import BlockJob, Streams
 from epmq.calib.capture import BlockCall, capture_stage_inputs
 from epmq.calib.checkpoint import BlockCheckpoint
-from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights, as_expert
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import NEEDS_EXPERTS, SolveOptions
+from epmq.calib.stats_cache import StatsCache
 from epmq.errors import EpmqError
 from epmq.models.adapter import Batch, BlockAdapter, Stage
 from epmq.quant import QuantGrid, QuantResult
@@ -74,7 +78,7 @@ class CalibrationRun:
 def quantize_model(
     model: nn.Module,
     adapter: BlockAdapter | None,
-    calib: Mapping[str, Sequence[Batch]],
+    calib: Mapping[str, Sequence[Batch]] | None,
     *,
     method: str,
     grid: QuantGrid | None = None,
@@ -93,7 +97,7 @@ def quantize_model(
     progress: bool = True,
     keep_grams: bool = False,
     on_block_end: BlockCallback | None = None,
-    distributed: bool | None = None,
+    stats_cache: StatsCache | None = None,
 ) -> CalibrationRun:
     """Quantize (or merge) ``model``'s linears in place, block by block.
 
@@ -101,7 +105,8 @@ def quantize_model(
         model: the merged model (modified in place).
         adapter: the family adapter (None: :func:`epmq.models.adapter_for`).
         calib: task name → calibration batches (dicts of model inputs). Task order defines the
-            order of ``experts`` and ``task_weights`` given as sequences.
+            order of ``experts`` and ``task_weights`` given as sequences. ``None`` (RTN only):
+            round every weight without data (the records then carry no proxy loss).
         method: ``rtn``, ``gptq``, ``epmq`` or ``regmean`` (a merge, no rounding).
         grid: the quantization grid; ``None`` with ``epmq`` writes the continuous target W*.
         experts: one weight source per task (``ExpertWeights``, a safetensors folder, or a
@@ -118,16 +123,18 @@ def quantize_model(
         keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
             name, e.g. for a RegMean merge).
         on_block_end: called with ``(stage name, block index)`` after each finished block.
-        distributed: sum the statistics over the ``torch.distributed`` ranks, each holding its
-            own shard of ``calib``, and share rank 0's solutions (:mod:`epmq.calib.distributed`);
-            ``None``: when a process group is initialised.
+        stats_cache: statistics of the merged stream shared by several runs on the same
+            merged model and data (``x_source="merged"`` only): the first run fills it, later
+            runs are solved from it without running the model.
     """
     start = time.perf_counter()
     if adapter is None:
         from epmq.models import adapter_for
 
         adapter = adapter_for(model)
-    tasks = _check_calib(calib)
+    if calib is None and method != "rtn":
+        raise EpmqError(f"method {method!r} needs calibration data (only rtn runs without)")
+    tasks = [] if calib is None else _check_calib(calib)
     options = SolveOptions(
         method=method,
         grid=grid,
@@ -142,34 +149,41 @@ def quantize_model(
     options.validate()
     if x_source not in X_SOURCES:
         raise EpmqError(f"x_source must be one of {', '.join(X_SOURCES)}, got {x_source!r}")
-    expert_list = _experts(experts, tasks, required=method in NEEDS_EXPERTS or x_source == "expert")
+    if stats_cache is not None and x_source != "merged":
+        raise EpmqError("a statistics cache holds merged-stream statistics: use x_source='merged'")
+    required = method in NEEDS_EXPERTS or x_source == "expert"
+    expert_list = None if calib is None else _experts(experts, tasks, required=required)
     check_finite_model(model)
     stages = adapter.stages(model)
     settings = _settings(options, x_source, true_sequential, tasks, calib, expert_list, stages)
-    reducer = GramReducer(distributed)
-    reducer.check_same("settings", {**settings, "tasks": tasks})  # batch counts may differ
-    if reducer.active:
-        settings["world_size"] = reducer.world_size
     checkpoint = BlockCheckpoint(checkpoint_dir, settings) if checkpoint_dir else None
+    if stats_cache is not None:
+        stats_cache.check({"tasks": settings["tasks"], "stages": settings["stages"]})
+    data = None if calib is None or (stats_cache is not None and stats_cache.complete) else calib
 
     model.eval()
     run = CalibrationRun([], {}, settings, 0.0)
     upfront = (
-        {s.name: _capture(model, adapter, s, calib) for s in stages} if x_source == "merged" else {}
+        {s.name: _capture(model, adapter, s, data) for s in stages}
+        if x_source == "merged" and data is not None
+        else {}
     )
     total = sum(len(adapter.blocks(model, s)) for s in stages)
     bar = tqdm(total=total, desc="calibrate", unit="block", disable=not progress)
     expert_final: Streams | None = None
     try:
         for number, stage in enumerate(stages):
-            calls = upfront.get(stage.name) or _capture(model, adapter, stage, calib)
+            calls = None
+            if data is not None:
+                calls = upfront.get(stage.name) or _capture(model, adapter, stage, data)
             expert_calls = None
-            if x_source == "expert":
+            if x_source == "expert" and calls is not None:
                 expert_calls = _link(model, adapter, stage, calls, expert_final, number)
             for index, block in enumerate(adapter.blocks(model, stage)):
                 job = BlockJob(
                     adapter, stage, index, block, tasks, expert_list, options, x_source,
-                    true_sequential, keep_grams, reducer if reducer.active else None,
+                    true_sequential, keep_grams,
+                    stats_cache=stats_cache,
                 )  # fmt: skip
                 bar.set_postfix_str(f"{stage.name}.{index}")
                 if checkpoint is not None and checkpoint.has(stage.name, index):
@@ -190,6 +204,10 @@ def quantize_model(
             expert_final = expert_calls
     finally:
         bar.close()
+    if stats_cache is not None:
+        stats_cache.complete = all(
+            stats_cache.has(s.name, i) for s in stages for i in range(len(adapter.blocks(model, s)))
+        )
     run.seconds = time.perf_counter() - start
     logger.info("calibrated %d linears in %.1fs", len(run.layers), run.seconds)
     if output is not None:

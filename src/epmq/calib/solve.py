@@ -2,7 +2,8 @@
 
 Methods (``LayerProblem`` carries everything a solve needs):
 
-- ``rtn``: round to nearest (the Hessian only feeds the reported proxy loss).
+- ``rtn``: round to nearest (the Hessian only feeds the reported proxy loss; without Grams
+  the loss is ``nan``).
 - ``gptq``: GPTQ of the merged weight under ``H = Σ_i w_i H_i`` (calibration drawn from every
   task, each task's Gram normalised so every task weighs the same unless ``w_i`` says otherwise).
 - ``epmq``: GPTQ of the expert-guided target ``W*`` under ``H = Σ_i w_i H_i + λI``
@@ -59,11 +60,14 @@ class SolveOptions:
 
 @dataclass
 class LayerProblem:
-    """One linear layer: merged weight, per-task Grams (and crosses), experts' weights."""
+    """One linear layer: merged weight, per-task Grams (and crosses), experts' weights.
+
+    ``grams`` is None for RTN without calibration data.
+    """
 
     name: str
     merged: Tensor
-    grams: list[Tensor]
+    grams: list[Tensor] | None
     crosses: list[Tensor] | None
     experts: list[Tensor] | None
 
@@ -91,8 +95,13 @@ def weighted_sum(grams: Sequence[Tensor], weights: Sequence[float] | None) -> Te
 def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
     """Solve ``problem`` with ``options.method``."""
     w_m = problem.merged.float()
-    hessian = weighted_sum(problem.grams, options.task_weights)
     method = options.method
+    if problem.grams is None:
+        if method != "rtn":
+            raise EpmqError(f"method {method!r} needs calibration statistics for {problem.name!r}")
+        assert options.grid is not None
+        return _from_result(rtn(w_m, options.grid))
+    hessian = weighted_sum(problem.grams, options.task_weights)
     if method in ("rtn", "gptq"):
         assert options.grid is not None
         if method == "rtn":
