@@ -6,9 +6,10 @@ every quantized variant from a fresh copy of it through the calibration engine, 
 model on every task as soon as it exists (so memory holds one merge and one variant at a time).
 
 Work that does not depend on the variant is done once: RTN rounds the weights without
-calibration data, and the variants of a merge that read their inputs from the full-precision
-merge (``x_source="merged"``) are solved from one :class:`epmq.calib.stats_cache.StatsCache`
-filled by the first of them.
+calibration data, the experts' tensors are read and checked once for the whole experiment
+(:class:`epmq.calib.expert_cache.CachedExpert`), and the variants of a merge that read their
+inputs from the full-precision merge (``x_source="merged"``) are solved from one
+:class:`epmq.calib.stats_cache.StatsCache` filled by the first of them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from epmq.calib.engine import CalibrationRun
+from epmq.calib.expert_cache import CachedExpert
+from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.stats_cache import StatsCache
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
 from epmq.experiment.config import ExperimentConfig, MergeSpec
@@ -72,8 +75,9 @@ def run_experiment(
     )
 
     variants = plan_experiment(config)
+    sources = _expert_sources(workload)
     for merge in config.merges:
-        merged = _build_merge(merge, base, workload, config, progress)
+        merged = _build_merge(merge, base, workload, config, progress, sources)
         todo = [v for v in variants if v.merge == merge.method]
         cache = StatsCache() if sum(_reads_merged(v) for v in todo) > 1 else None
         for variant in todo:
@@ -81,7 +85,7 @@ def run_experiment(
             model, run = (
                 (merged, None)
                 if variant.kind == "merged"
-                else _quantized_copy(merged, variant, workload, config, progress, cache)
+                else _quantized_copy(merged, variant, workload, config, progress, cache, sources)
             )
             _tally(results, "variants_build", time.perf_counter() - clock)
             if on_model is not None:
@@ -198,7 +202,12 @@ def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None
 
 
 def _build_merge(
-    merge: MergeSpec, base: nn.Module, workload: Workload, config: ExperimentConfig, progress: bool
+    merge: MergeSpec,
+    base: nn.Module,
+    workload: Workload,
+    config: ExperimentConfig,
+    progress: bool,
+    sources: list[ExpertWeights] | None = None,
 ) -> nn.Module:
     """The full-precision merge of the experts into a copy of the base encoder."""
     from epmq.calib import quantize_model
@@ -226,16 +235,19 @@ def _build_merge(
             None,
             workload.calibration,
             method="regmean",
-            experts=_expert_sources(workload),
+            experts=sources or _expert_sources(workload),
             progress=progress,
         )
     return model.eval()
 
 
-def _expert_sources(workload: Workload) -> list:
+def _expert_sources(workload: Workload) -> list[ExpertWeights]:
+    """One source per task, each tensor read from disk (and checked) once."""
     from epmq.calib import SafetensorsExpert
 
-    return [SafetensorsExpert(workload.expert_dirs[t], name=t) for t in workload.tasks]
+    return [
+        CachedExpert(SafetensorsExpert(workload.expert_dirs[t], name=t)) for t in workload.tasks
+    ]
 
 
 def _quantized_copy(
@@ -245,11 +257,13 @@ def _quantized_copy(
     config: ExperimentConfig,
     progress: bool,
     cache: StatsCache | None = None,
+    sources: list[ExpertWeights] | None = None,
 ) -> tuple[nn.Module, CalibrationRun]:
     """A copy of ``merged`` rounded (or retargeted) as ``variant`` says, and its run.
 
     RTN runs without calibration data (its rounding never reads it; the records then carry no
-    proxy loss); ``cache`` serves the merged-stream statistics of ``x_source="merged"``.
+    proxy loss); ``cache`` serves the merged-stream statistics of ``x_source="merged"``, and
+    ``sources`` the experts' tensors (read once per experiment).
     """
     from epmq.calib import quantize_model
     from epmq.quant import QuantGrid
@@ -269,7 +283,7 @@ def _quantized_copy(
         None if variant.quantizer == "rtn" else workload.calibration,
         method=variant.quantizer or "epmq",
         grid=grid,
-        experts=_expert_sources(workload) if needs_experts else None,
+        experts=(sources or _expert_sources(workload)) if needs_experts else None,
         alpha=variant.alpha if variant.alpha is not None else q.alpha,
         x_source=x_source,
         target=variant.target or "expert",
