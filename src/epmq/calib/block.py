@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from epmq.calib.capture import BlockCall
+from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import LayerProblem, SolveOptions, solve_layer
@@ -50,6 +51,7 @@ class BlockJob:
     x_source: str
     true_sequential: bool
     keep_grams: bool = False
+    reducer: GramReducer | None = None
     stats_cache: StatsCache | None = None
 
     @property
@@ -202,6 +204,8 @@ class BlockJob:
                     task_out.append(call.advanced(self.adapter, self.stage, self.index, out))
             if outputs is not None:
                 outputs[task] = task_out
+        if self.reducer is not None:
+            self.reducer.reduce_(stats)
         return stats, outputs
 
     def _solve(
@@ -219,6 +223,8 @@ class BlockJob:
             crosses = None if stats is None else stats.crosses(name)
             problem = LayerProblem(full, module.weight.detach().float(), grams, crosses, experts)
             solution = solve_layer(problem, self.options)
+            if self.reducer is not None:
+                self.reducer.share_(solution, full)
             module.weight.data.copy_(solution.weight.to(module.weight.dtype))
             outcome.weights[full] = module.weight.detach().clone()
             if solution.result is not None:

@@ -35,6 +35,7 @@ from epmq.atomic import write_json
 from epmq.calib.block import BlockJob, Streams
 from epmq.calib.capture import BlockCall, capture_stage_inputs
 from epmq.calib.checkpoint import BlockCheckpoint
+from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights, as_expert
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import NEEDS_EXPERTS, SolveOptions
@@ -97,6 +98,7 @@ def quantize_model(
     progress: bool = True,
     keep_grams: bool = False,
     on_block_end: BlockCallback | None = None,
+    distributed: bool | None = None,
     stats_cache: StatsCache | None = None,
 ) -> CalibrationRun:
     """Quantize (or merge) ``model``'s linears in place, block by block.
@@ -123,6 +125,9 @@ def quantize_model(
         keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
             name, e.g. for a RegMean merge).
         on_block_end: called with ``(stage name, block index)`` after each finished block.
+        distributed: sum the statistics over the ``torch.distributed`` ranks, each holding its
+            own shard of ``calib``, and share rank 0's solutions (:mod:`epmq.calib.distributed`);
+            ``None``: when a process group is initialised.
         stats_cache: statistics of the merged stream shared by several runs on the same
             merged model and data (``x_source="merged"`` only): the first run fills it, later
             runs are solved from it without running the model.
@@ -156,6 +161,10 @@ def quantize_model(
     check_finite_model(model)
     stages = adapter.stages(model)
     settings = _settings(options, x_source, true_sequential, tasks, calib, expert_list, stages)
+    reducer = GramReducer(distributed)
+    reducer.check_same("settings", {**settings, "tasks": tasks})  # batch counts may differ
+    if reducer.active:
+        settings["world_size"] = reducer.world_size
     checkpoint = BlockCheckpoint(checkpoint_dir, settings) if checkpoint_dir else None
     if stats_cache is not None:
         stats_cache.check({"tasks": settings["tasks"], "stages": settings["stages"]})
@@ -182,7 +191,7 @@ def quantize_model(
             for index, block in enumerate(adapter.blocks(model, stage)):
                 job = BlockJob(
                     adapter, stage, index, block, tasks, expert_list, options, x_source,
-                    true_sequential, keep_grams,
+                    true_sequential, keep_grams, reducer if reducer.active else None,
                     stats_cache=stats_cache,
                 )  # fmt: skip
                 bar.set_postfix_str(f"{stage.name}.{index}")

@@ -38,6 +38,10 @@ BlockKwargs = dict[str, Any]
 Batch = Mapping[str, Any]
 
 
+# Keyword names a block's KV cache has had across transformers releases (5.24: ``cache``).
+CACHE_KWARGS: tuple[str, ...] = ("past_key_values", "past_key_value", "cache")
+
+
 class StopForward(Exception):
     """Raised by the capture hook to stop the model's forward at a stage's first block."""
 
@@ -138,10 +142,9 @@ class BlockAdapter:
     ) -> tuple[BlockArgs, BlockKwargs]:
         """Clean the captured first-block inputs before they are replayed (drop caches)."""
         kwargs = dict(kwargs)
-        if "past_key_values" in kwargs:
-            kwargs["past_key_values"] = None
-        if "past_key_value" in kwargs:
-            kwargs["past_key_value"] = None
+        for name in CACHE_KWARGS:  # the name differs across transformers releases
+            if name in kwargs:
+                kwargs[name] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         return args, kwargs

@@ -2,7 +2,7 @@
 
 One stage: ``model.layers.N`` (``layers.N`` for the bare ``*Model``). Each decoder layer is
 called as ``layer(hidden_states, attention_mask=causal_mask, position_embeddings=(cos, sin),
-position_ids=..., past_key_values=..., use_cache=...)`` and returns the new hidden states; the
+position_ids=..., <cache>=None, use_cache=False)`` and returns the new hidden states; the
 causal mask and the rotary ``position_embeddings`` (from ``model.rotary_emb``) are captured as
 the model computes them and replayed unchanged for every layer; the cache is switched off.
 Linears per block in true-sequential order: ``self_attn.{q,k,v}_proj``, ``self_attn.o_proj``,
