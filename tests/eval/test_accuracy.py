@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from epmq.errors import EpmqError
-from epmq.eval.accuracy import evaluate_accuracy, predict
+from epmq.eval.accuracy import evaluate_accuracy, evaluation_precision, predict
 from epmq.suites.task import Split, Task
 from epmq.suites.tiny import build_tiny_base
 
@@ -116,3 +116,31 @@ def test_user_errors_and_modes(model: tuple[Any, Any, Path]) -> None:
     evaluate_accuracy(encoder, {"t": _head(0)}, [task], tokenizer=tokenizer)
     assert encoder.training  # mode restored
     encoder.eval()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)]
+)
+def test_evaluation_precision_sets_the_linears_dtype(
+    model: tuple[Any, Any, Path], dtype: str, expected: torch.dtype
+) -> None:
+    encoder, tokenizer, _ = model
+    seen: list[torch.dtype] = []
+    linear = encoder.encoder.layer[0].intermediate.dense
+    handle = linear.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    task = _task(tuple(i % 3 for i in range(len(TEXTS))))
+    try:
+        with evaluation_precision(dtype):
+            got = evaluate_accuracy(encoder, {"t": _head(4)}, [task], tokenizer=tokenizer)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {expected}
+    assert 0.0 <= got["t"] <= 1.0
+    assert all(p.dtype == torch.float32 for p in encoder.parameters())  # weights untouched
+    with torch.no_grad():  # and autocast is off again afterwards
+        assert linear(torch.zeros(1, linear.in_features)).dtype == torch.float32
+
+
+def test_unknown_evaluation_precision_is_a_user_error() -> None:
+    with pytest.raises(EpmqError, match="float16"), evaluation_precision("float16"):
+        pass

@@ -50,6 +50,7 @@ output: {dir: out}
             "experts.0.task: unknown task 'nope'",
         ),
         ("suite: text8\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+        ("suite: text8\nevaluation: {dtype: float16}\n", "evaluation.dtype"),
         ("- just\n- a list\n", "expected a mapping"),
         ("suite: [unclosed\n", "not valid YAML"),
     ],

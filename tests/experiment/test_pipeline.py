@@ -77,3 +77,29 @@ def test_pipeline_refuses_to_overwrite_before_any_work(cache_dir: Path, tmp_path
     out.mkdir()
     with pytest.raises(EpmqError, match="--force"):
         run_session(_config(out), quick=True, cache_dir=cache_dir, progress=False)
+
+
+def test_bfloat16_evaluation_runs_and_is_recorded(cache_dir: Path, tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "suite": "tiny",
+            "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+            "quantization": {"methods": ["gptq"], "bits": [8], "alpha_sweep": []},
+            "evaluation": {"dtype": "bfloat16"},
+            "output": {"dir": str(tmp_path / "bf16")},
+        }
+    )
+    reference = parse_config(
+        {
+            **config.model_dump(mode="json"),
+            "evaluation": {},
+            "output": {"dir": str(tmp_path / "f32")},
+        }
+    )
+    bf16, _ = run_session(config, quick=True, cache_dir=cache_dir, progress=False, announce=print)
+    f32, _ = run_session(reference, quick=True, cache_dir=cache_dir, progress=False, announce=print)
+    assert bf16.settings["config"]["evaluation"]["dtype"] == "bfloat16"
+    assert [r.name for r in bf16.rows] == [r.name for r in f32.rows]
+    for a, b in zip(bf16.rows, f32.rows, strict=True):  # a few flipped predictions at most
+        for task in a.accuracy:
+            assert abs(a.accuracy[task] - b.accuracy[task]) <= 0.1, (a.name, task)

@@ -43,6 +43,9 @@ def demo(
     alpha: float = typer.Option(0.1, help="E-PMQ anchor strength α."),
     alpha_sweep: str = typer.Option("0,0.01,0.1,1", help="α values swept (first merge)."),
     max_test: int | None = typer.Option(None, help="Evaluate at most N test examples per task."),
+    eval_dtype: str = typer.Option(
+        "float32", help="Evaluation precision: float32, or bfloat16 (autocast; fast on AMX CPUs)."
+    ),
     quick: bool = typer.Option(False, "--quick", help="A fast first look: fewer of everything."),
     out: Path = typer.Option(Path("runs/demo"), help="Report folder."),
     cache_dir: Path | None = typer.Option(None, help="Cache root for the suite's experts."),
@@ -80,7 +83,7 @@ def demo(
             "suite": suite,
             "merges": [{"method": m, "params": DEMO_MERGES[m]} for m in names],
             "quantization": quant,
-            "evaluation": {"max_test": max_test},
+            "evaluation": {"max_test": max_test, "dtype": eval_dtype},
             "output": {"dir": str(out)},
         },
         source="epmq demo options",

@@ -9,7 +9,8 @@ splits), so an experiment that evaluates dozens of models on the same tasks toke
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,26 @@ def evaluate_accuracy(
     finally:
         encoder.train(was_training)
     return results
+
+
+EVAL_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
+@contextlib.contextmanager
+def evaluation_precision(dtype: str, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the enclosed evaluation forwards in ``dtype``.
+
+    ``float32`` changes nothing; ``bfloat16`` enables autocast on ``device`` (matmuls and
+    linears in bfloat16 with float32 accumulation, the rest in float32), which several times
+    speeds up CPUs with AMX or AVX-512 BF16 at the cost of a few flipped predictions near a
+    decision boundary. Weights are never changed: a quantized model's dequantized grid values
+    stay float32 in the model.
+    """
+    if dtype not in EVAL_DTYPES:
+        raise EpmqError(f"evaluation dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
+    if dtype == "float32":
+        yield
+        return
+    kind = torch.device(device).type
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        yield

@@ -148,6 +148,9 @@ class QuantizationSpec(_Strict):
 class EvaluationSpec(_Strict):
     batch_size: int = Field(64, ge=1)
     max_test: int | None = Field(None, ge=1)
+    # Precision of evaluation forwards: bfloat16 runs them under CPU/GPU autocast (matmuls in
+    # bfloat16, fast on CPUs with AMX / AVX-512 BF16); calibration always stays float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class OutputSpec(_Strict):

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,13 +65,13 @@ def run_experiment(
         _add_row(
             results,
             Row(name=workload.pretrained_name, kind="pretrained", accuracy={}),
-            workload.evaluate(base, workload.probe_heads, workload.tasks),
+            _evaluate(config, workload, base, workload.probe_heads, workload.tasks),
             announce,
         )
     _add_row(
         results,
         Row(name="experts", kind="expert", accuracy={}),
-        _expert_accuracy(workload),
+        _expert_accuracy(config, workload),
         announce,
     )
 
@@ -91,7 +92,7 @@ def run_experiment(
             if on_model is not None:
                 on_model(variant, model, run)
             evaluating = time.perf_counter()
-            accuracy = workload.evaluate(model, workload.heads, workload.tasks)
+            accuracy = _evaluate(config, workload, model, workload.heads, workload.tasks)
             _tally(results, "variants_evaluate", time.perf_counter() - evaluating)
             seconds = time.perf_counter() - clock
             if variant.sweep == SWEEP:
@@ -133,12 +134,27 @@ def _add_row(
     announce(f"  {row.name}: average {100 * average(row):.1f}{took}")
 
 
-def _expert_accuracy(workload: Workload) -> dict[str, float]:
+def _evaluate(
+    config: ExperimentConfig,
+    workload: Workload,
+    model: nn.Module,
+    heads: dict[str, Any],
+    tasks: list[str],
+) -> dict[str, float]:
+    """Per-task accuracy of ``model``, its forwards in ``config.evaluation.dtype``."""
+    from epmq.eval.accuracy import evaluation_precision
+
+    device = next(model.parameters()).device
+    with evaluation_precision(config.evaluation.dtype, device):
+        return workload.evaluate(model, heads, tasks)
+
+
+def _expert_accuracy(config: ExperimentConfig, workload: Workload) -> dict[str, float]:
     """Each task's expert on its own task."""
     accuracy: dict[str, float] = {}
     for task in workload.tasks:
         expert = workload.load_encoder(workload.expert_dirs[task]).eval()
-        accuracy.update(workload.evaluate(expert, workload.heads, [task]))
+        accuracy.update(_evaluate(config, workload, expert, workload.heads, [task]))
         del expert
     return accuracy
 
