@@ -44,6 +44,10 @@ class LinearInputs:
         self.mask: Tensor | None = None
         self.linear_masks: Mapping[str, Tensor | None] = {}
         self.inputs: dict[str, Tensor] = {}
+        # (module input, mask, flattened rows) of this call: linears fed the same tensor under
+        # the same mask (q/k/v, gate/up) share one flattened tensor, so their Gram is computed
+        # once (TaskStatistics.add groups inputs by identity).
+        self._flat: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self._handles: list[Any] = []
 
     def reset(
@@ -52,17 +56,26 @@ class LinearInputs:
         """Forget recorded inputs; use ``mask`` for the next call, ``linear_masks[name]``
         instead for the linears it names."""
         self.inputs = {}
+        self._flat = []
         self.mask = mask
         self.linear_masks = linear_masks or {}
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             mask = self.linear_masks.get(name, self.mask)
-            self.inputs[name] = flatten_tokens(args[0].detach(), mask)
+            self.inputs[name] = self._flatten(args[0], mask)
             if self.stop and len(self.inputs) == len(self.names):
                 raise StopForward
 
         return hook
+
+    def _flatten(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        for source, source_mask, flat in self._flat:
+            if source is x and source_mask is mask:
+                return flat
+        flat = flatten_tokens(x.detach(), mask)
+        self._flat.append((x, mask, flat))
+        return flat
 
     def __enter__(self) -> LinearInputs:
         for name in self.names:
@@ -97,15 +110,28 @@ class TaskStatistics:
     def add(
         self, task: str, inputs: dict[str, Tensor], cross_inputs: dict[str, Tensor] | None
     ) -> None:
-        """Accumulate one batch's recorded inputs (and the expert stream's, for ``cross``)."""
-        for name, accs in self.acc.items():
-            x = inputs[name].float()
-            if self.cross:
-                if cross_inputs is None:
-                    raise RuntimeError("cross statistics need the expert stream's inputs")
-                accs[task].add(x, cross_inputs[name].float())
-            else:
-                accs[task].add(x)
+        """Accumulate one batch's recorded inputs (and the expert stream's, for ``cross``).
+
+        Linears whose recorded inputs are the same tensor (see :class:`LinearInputs`) get the
+        product computed once and added to each of their accumulators.
+        """
+        if self.cross and cross_inputs is None:
+            raise RuntimeError("cross statistics need the expert stream's inputs")
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name in self.acc:
+            other = id(cross_inputs[name]) if self.cross and cross_inputs is not None else 0
+            groups.setdefault((id(inputs[name]), other), []).append(name)
+        for names in groups.values():
+            x = inputs[names[0]].float()
+            xc = None if cross_inputs is None or not self.cross else cross_inputs[names[0]].float()
+            first = self.acc[names[0]][task]
+            if len(names) == 1:
+                first.add(x, xc)
+                continue
+            batch = GramAccumulator(first.dim, dtype=first.dtype, cross=self.cross)
+            batch.add(x, xc)
+            for name in names:
+                self.acc[name][task].merge_(batch)
 
     def grams(self, name: str) -> list[Tensor]:
         """Per-task normalised Grams ``X_i X_iᵀ / n_i`` of linear ``name``."""
