@@ -22,6 +22,12 @@ import torch
 from epmq.errors import EpmqError
 
 
+def partial_dir(path: str | Path) -> Path:
+    """The fixed partial folder of a resumable :func:`output_dir` for ``path``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.partial"
+
+
 def refuse_existing(path: str | Path, force: bool) -> None:
     """Raise a clear error when ``path`` exists and ``force`` is not given."""
     path = Path(path)
@@ -73,24 +79,42 @@ def save_tensors(
 
 
 @contextlib.contextmanager
-def output_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+def output_dir(
+    path: str | Path, *, force: bool = False, resumable: bool = False, resume: bool = False
+) -> Iterator[Path]:
     """Build an output folder atomically.
 
     Yields a hidden partial folder beside ``path``; on normal exit the partial folder replaces
     ``path`` (the old one is removed only then, and only with ``force``). On error the partial
     folder is deleted and ``path`` is left as it was.
+
+    ``resumable``: the partial folder has a fixed name (``.<name>.partial``) and is *kept* when
+    the run stops with an error or an interrupt, so a later call with ``resume=True`` continues
+    in it; an existing one is removed only with ``force``, else refused.
     """
     path = Path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
+    if resumable:
+        partial = partial_dir(path)
+        if partial.exists() and not resume:
+            if not force:
+                raise EpmqError(
+                    f"a stopped run left {partial}; pass --resume to continue it or --force "
+                    "to start over"
+                )
+            shutil.rmtree(partial)
+        partial.mkdir(exist_ok=True)
+    else:
+        partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     if path.exists():
         if path.is_dir():

@@ -39,7 +39,7 @@ def demo(
     merges: str = typer.Option("task_arithmetic,ties,regmean", help="Merges, comma-separated."),
     methods: str = typer.Option("rtn,gptq,epmq", help="Quantizers, comma-separated."),
     bits: str = typer.Option("4,3", help="Bit widths, comma-separated."),
-    group_sizes: str = typer.Option("-1", help="Group sizes (-1: per channel), e.g. -1,128."),
+    group_sizes: str = typer.Option("-1,128", help="Group sizes (-1: per channel), e.g. -1,128."),
     alpha: float = typer.Option(0.1, help="E-PMQ anchor strength α."),
     alpha_sweep: str = typer.Option("0,0.01,0.1,1", help="α values swept (first merge)."),
     max_test: int | None = typer.Option(None, help="Evaluate at most N test examples per task."),
@@ -50,6 +50,9 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Report folder."),
     cache_dir: Path | None = typer.Option(None, help="Cache root for the suite's experts."),
     force: bool = typer.Option(False, "--force", help="Overwrite the report folder."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a stopped run from its last finished model."
+    ),
     seed: int = typer.Option(0, help="Seed of the experiment."),
 ) -> None:
     """Train or load the suite's experts, merge, quantize (RTN/GPTQ/E-PMQ), evaluate, report."""
@@ -88,4 +91,4 @@ def demo(
         },
         source="epmq demo options",
     )
-    run_session(config, quick=quick, cache_dir=cache_dir, force=force)
+    run_session(config, quick=quick, cache_dir=cache_dir, force=force, resume=resume)

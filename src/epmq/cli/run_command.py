@@ -15,6 +15,9 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Built-in suites: fewer steps/examples."),
     cache_dir: Path | None = typer.Option(None, help="Cache root for suite experts."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output folder."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a stopped run from its last finished model."
+    ),
     check: bool = typer.Option(False, "--check", help="Only validate the config and exit."),
 ) -> None:
     """Merge, quantize, evaluate and report, as CONFIG describes."""
@@ -26,4 +29,4 @@ def run(
         return
     from epmq.experiment.session import run_session
 
-    run_session(parsed, quick=quick, cache_dir=cache_dir, force=force)
+    run_session(parsed, quick=quick, cache_dir=cache_dir, force=force, resume=resume)

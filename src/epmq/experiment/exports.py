@@ -18,6 +18,7 @@ from torch import nn
 from epmq.atomic import save_tensors
 from epmq.calib.engine import CalibrationRun
 from epmq.experiment.config import ExperimentConfig
+from epmq.experiment.journal import Journal
 from epmq.experiment.plan import Variant
 from epmq.experiment.workload import Workload
 
@@ -39,11 +40,18 @@ def variant_folder_name(variant: Variant) -> str:
 class VariantExporter:
     """The runner's ``on_model`` callback that exports quantized variants (module docs)."""
 
-    def __init__(self, config: ExperimentConfig, workload: Workload, root: Path) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        workload: Workload,
+        root: Path,
+        journal: Journal | None = None,
+    ) -> None:
         self.config = config
         self.workload = workload
         self.root = Path(root)
-        self.written: list[dict[str, Any]] = []
+        self.journal = journal  # records each export, so a resumed run still lists them all
+        self.written: list[dict[str, Any]] = list(journal.exports) if journal else []
 
     def __call__(self, variant: Variant, model: nn.Module, run: CalibrationRun | None) -> None:
         if variant.kind != "quantized" or variant.sweep is not None or run is None:
@@ -62,15 +70,16 @@ class VariantExporter:
                 force=True,
             )
             self._write_heads(folder)
-            self.written.append(
-                {
-                    "variant": variant.name,
-                    "format": fmt,
-                    "folder": str(folder.relative_to(self.root.parent)),
-                    "weights_bytes": summary.weights_bytes,
-                    "float16_bytes": summary.float16_bytes,
-                }
-            )
+            record = {
+                "variant": variant.name,
+                "format": fmt,
+                "folder": str(folder.relative_to(self.root.parent)),
+                "weights_bytes": summary.weights_bytes,
+                "float16_bytes": summary.float16_bytes,
+            }
+            self.written.append(record)
+            if self.journal is not None:
+                self.journal.add_export(record)
 
     def _write_heads(self, folder: Path) -> None:
         for task, head in self.workload.heads.items():

@@ -30,6 +30,7 @@ from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.stats_cache import StatsCache
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
 from epmq.experiment.config import ExperimentConfig, MergeSpec
+from epmq.experiment.journal import Journal
 from epmq.experiment.plan import SWEEP, Variant, plan_experiment
 from epmq.experiment.workload import Workload
 
@@ -48,8 +49,13 @@ def run_experiment(
     progress: bool = False,
     announce: Announce = print,
     on_model: OnModel | None = None,
+    journal: Journal | None = None,
 ) -> Results:
-    """Evaluate every variant of ``config`` on ``workload`` and return the results."""
+    """Evaluate every variant of ``config`` on ``workload`` and return the results.
+
+    With a ``journal`` every finished model is recorded as it is done, and the models the
+    journal already holds (a stopped run being resumed) are taken from it, not rebuilt.
+    """
     torch.manual_seed(config.seed)
     results = Results.new(
         suite=workload.name,
@@ -65,23 +71,33 @@ def run_experiment(
         _add_row(
             results,
             Row(name=workload.pretrained_name, kind="pretrained", accuracy={}),
-            _evaluate(config, workload, base, workload.probe_heads, workload.tasks),
+            lambda: _evaluate(config, workload, base, workload.probe_heads or {}, workload.tasks),
             announce,
+            journal=journal,
         )
     _add_row(
         results,
         Row(name="experts", kind="expert", accuracy={}),
-        _expert_accuracy(config, workload),
+        lambda: _expert_accuracy(config, workload),
         announce,
+        journal=journal,
     )
 
     variants = plan_experiment(config)
     sources = _expert_sources(workload)
     for merge in config.merges:
-        merged = _build_merge(merge, base, workload, config, progress, sources)
         todo = [v for v in variants if v.merge == merge.method]
-        cache = StatsCache() if sum(_reads_merged(v) for v in todo) > 1 else None
+        pending = [v for v in todo if journal is None or not journal.has(v.name)]
+        merged: nn.Module | None = None  # built only if a model of this merge is still to do
+        cache: StatsCache | None = None
         for variant in todo:
+            if variant not in pending:
+                assert journal is not None
+                _restore(results, variant, journal, announce)
+                continue
+            if merged is None:
+                merged = _build_merge(merge, base, workload, config, progress, sources)
+                cache = StatsCache() if sum(_reads_merged(v) for v in pending) > 1 else None
             clock = time.perf_counter()
             model, run = (
                 (merged, None)
@@ -96,10 +112,14 @@ def run_experiment(
             _tally(results, "variants_evaluate", time.perf_counter() - evaluating)
             seconds = time.perf_counter() - clock
             if variant.sweep == SWEEP:
-                results.sweeps.setdefault(ALPHA_SWEEP, []).append(_sweep_point(variant, accuracy))
+                point = _sweep_point(variant, accuracy)
+                results.sweeps.setdefault(ALPHA_SWEEP, []).append(point)
                 announce(f"  sweep {variant.name}: {100 * _mean(accuracy):.1f}")
+                if journal is not None:
+                    journal.add_point(variant.name, point)
             else:
-                _add_row(results, _row(variant, seconds), accuracy, announce, seconds)
+                row = _row(variant, seconds)
+                _add_row(results, row, lambda a=accuracy: a, announce, seconds, journal=journal)
         if cache is not None:
             cache.close()
     _collect_sweep_from_rows(results, config)
@@ -124,14 +144,37 @@ def _mean(accuracy: dict[str, float]) -> float:
 def _add_row(
     results: Results,
     row: Row,
-    accuracy: dict[str, float],
+    accuracy: Callable[[], dict[str, float]],
     announce: Announce,
     seconds: float | None = None,
+    *,
+    journal: Journal | None = None,
 ) -> None:
-    row.accuracy = accuracy
+    """Add ``row`` with ``accuracy()`` (or its journalled figures, without calling it)."""
+    saved = journal.row(row.name) if journal is not None else None
+    if saved is not None:
+        results.add(saved)
+        announce(f"  {saved.name}: average {100 * average(saved):.1f}  (from the journal)")
+        return
+    row.accuracy = accuracy()
     results.add(row)
+    if journal is not None:
+        journal.add_row(row.name, row)
     took = "" if seconds is None else f"  ({seconds:.1f}s)"
     announce(f"  {row.name}: average {100 * average(row):.1f}{took}")
+
+
+def _restore(results: Results, variant: Variant, journal: Journal, announce: Announce) -> None:
+    """Put a variant finished by a stopped run back into ``results`` from the journal."""
+    point = journal.point(variant.name)
+    if point is not None:
+        results.sweeps.setdefault(ALPHA_SWEEP, []).append(point)
+        announce(f"  sweep {variant.name}: {100 * point.average:.1f}  (from the journal)")
+        return
+    row = journal.row(variant.name)
+    assert row is not None
+    results.add(row)
+    announce(f"  {row.name}: average {100 * average(row):.1f}  (from the journal)")
 
 
 def _evaluate(

@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from epmq.atomic import output_dir, refuse_existing, write_text
+from epmq.atomic import output_dir, partial_dir, refuse_existing, write_text
+from epmq.errors import EpmqError
 from epmq.eval.results import Results
 from epmq.experiment.config import ExperimentConfig
 from epmq.experiment.exports import VariantExporter
+from epmq.experiment.journal import JOURNAL_FILE, Journal
 from epmq.experiment.runner import run_experiment
 from epmq.experiment.workload import Workload, suite_workload
 
@@ -47,13 +49,25 @@ def run_session(
     quick: bool = False,
     cache_dir: Path | None = None,
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
     announce: Callable[[str], None] = print,
 ) -> tuple[Results, Path]:
-    """Run ``config`` end to end and write its report; returns the results and the folder."""
+    """Run ``config`` end to end and write its report; returns the results and the folder.
+
+    The run is journalled (:mod:`epmq.experiment.journal`) in a partial folder that survives
+    an error or an interrupt; ``resume=True`` continues such a stopped run from its last
+    finished model, ``force`` discards it.
+    """
     out = Path(config.output.dir)
     force = force or config.output.force
     refuse_existing(out, force)
+    partial = partial_dir(out)
+    if partial.exists() and not (resume or force):
+        raise EpmqError(
+            f"a stopped run left {partial}; pass --resume to continue it or --force to start over"
+        )
+    resuming = resume and (partial / JOURNAL_FILE).is_file()
     started = time.perf_counter()
     announce(f"epmq: preparing workload {config.suite or config.name!r}")
     workload = build_workload(config, quick=quick, cache_dir=cache_dir, progress=progress)
@@ -62,15 +76,32 @@ def run_session(
 
     # The whole run builds its folder under a hidden partial name: exports land there as the
     # variants are built, the report at the end, and only a finished run takes the name.
-    with output_dir(out, force=force) as partial:
-        exporter = VariantExporter(config, workload, partial / "exports")
-        results = run_experiment(
-            config,
-            workload,
-            progress=False,
-            announce=announce,
-            on_model=exporter if config.output.export else None,
-        )
+    fingerprint = {
+        "config": config.model_dump(mode="json", exclude={"output": {"force"}}),
+        "workload": workload.settings,
+        "tasks": workload.tasks,
+    }
+    with output_dir(out, force=force, resumable=True, resume=resuming) as partial:
+        journal = Journal(partial, fingerprint, resume=resuming)
+        if journal.done:
+            announce(f"epmq: resuming {partial}: {journal.done} models already finished")
+        exporter = VariantExporter(config, workload, partial / "exports", journal)
+        try:
+            results = run_experiment(
+                config,
+                workload,
+                progress=False,
+                announce=announce,
+                on_model=exporter if config.output.export else None,
+                journal=journal,
+            )
+        except BaseException:
+            announce(
+                f"epmq: run stopped after {journal.done} finished models; the same command "
+                "with --resume continues it"
+            )
+            raise
+        journal.path.unlink()
         results.timings["total"] = time.perf_counter() - started
         if exporter.written:
             results.settings["exports"] = exporter.written
