@@ -121,6 +121,13 @@ def _case(args: tuple[str, int, int, int, int, int, int, int]) -> dict[str, Any]
         t = time.perf_counter()
         proxy_loss(res.weight, data["merged"], data["h"])
         row["loss_s"] = time.perf_counter() - t
+        # The unit of E-PMQ's extra cost: one W_i H_i product (best of 3).
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            data["merged"] @ data["h"]
+            times.append(time.perf_counter() - t)
+        row["matmul_s"] = min(times)
     if solver == "plain":
         row["loss"] = proxy_loss(q, data["merged"], data["h"])
     return row
@@ -145,20 +152,27 @@ def main() -> None:
     )
     header = (
         f"{'size':>11} {'solver':>8} {'seconds':>9} {'target_s':>9} {'ratio':>6} "
-        f"{'cpu_s':>8} {'cpu_ratio':>9} "
+        f"{'cpu_s':>8} {'cpu_ratio':>9} {'extra/K':>8} "
         f"{'peak_MiB':>9} {'input_MiB':>9} {'proxy_loss':>12}"
+    )
+    print(
+        "extra/K: E-PMQ's wall time above GPTQ's per expert, in units of one [out,in]x[in,in] "
+        "matmul on this machine (1.0 = exactly one matmul per expert)"
     )
     print(header)
     ctx = mp.get_context("spawn")
     for out, inp in sizes:
-        gptq_s = gptq_cpu = None
+        gptq_s = gptq_cpu = matmul_s = None
         for solver in solvers:
             k = int(solver[4:]) if solver.startswith("epmq") else 0
             job = (solver[:4] if k else solver, out, inp, k, ns.tokens, ns.bits)
             with ctx.Pool(1) as pool:
                 row = pool.apply(_case, ((*job, ns.group_size, ns.threads),))
             if solver == "gptq":
-                gptq_s, gptq_cpu = row["seconds"], row["cpu_s"]
+                gptq_s, gptq_cpu, matmul_s = row["seconds"], row["cpu_s"], row["matmul_s"]
+            per_expert = f"{'':8}"
+            if k and gptq_s and matmul_s:
+                per_expert = f"{(row['seconds'] - gptq_s) / (k * matmul_s):8.2f}"
             name = f"epmq K={k}" if k else solver
             ratio = f"{row['seconds'] / gptq_s:6.2f}" if gptq_s else f"{'':6}"
             cpu_ratio = f"{row['cpu_s'] / gptq_cpu:9.2f}" if gptq_cpu else f"{'':9}"
@@ -166,12 +180,16 @@ def main() -> None:
             mark = "" if row["exact_peak"] else "*"
             print(
                 f"{row['size']:>11} {name:>8} {row['seconds']:9.2f} {target} {ratio} "
-                f"{row['cpu_s']:8.2f} {cpu_ratio} "
+                f"{row['cpu_s']:8.2f} {cpu_ratio} {per_expert} "
                 f"{row['peak_mib']:8.0f}{mark:1} {row['input_mib']:9.0f} {row['loss']:12.5g}",
                 flush=True,
             )
             if "loss_s" in row:
-                print(f"{'':11} {'':8} (of which proxy_loss {row['loss_s']:.2f} s)", flush=True)
+                print(
+                    f"{'':11} {'':8} (of which proxy_loss {row['loss_s']:.2f} s; one matmul "
+                    f"{row['matmul_s']:.3f} s)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -63,50 +63,50 @@ def _group_label(group_size: int | None) -> str:
     return "per-channel" if group_size is None else f"g{group_size}"
 
 
-def _finish(ax: Axes, title: str, xlabel: str) -> None:
+def _finish(ax: Axes, title: str, xlabel: str, *, legend: bool = True) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("average accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
 
 
 def accuracy_by_bits(results: Results) -> bytes | None:
-    """Average accuracy by bits for each merge × quantizer; ``None`` without quantized rows."""
+    """Average accuracy by bits for each merge × quantizer, one panel per group size (shared
+    y axis); ``None`` without quantized rows."""
     quantized = [r for r in results.find(kind="quantized") if r.is_primary]
     if not quantized:
         return None
-    fig = _figure()
-    ax = fig.add_subplot()
     merges = results.merges()
     groups = sorted({r.group_size for r in quantized}, key=lambda g: g or 0)
-    for merge, color in zip(merges, _colors(len(merges)), strict=True):
-        for quantizer, (style, marker) in _QUANT_STYLE.items():
-            for group in groups:
-                rows = [
-                    r
-                    for r in quantized
-                    if r.merge == merge and r.quantizer == quantizer and r.group_size == group
-                ]
+    fig = _figure(width=2.0 + 5.0 * len(groups))
+    first: Axes | None = None
+    for panel, group in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), panel + 1, sharey=first)
+        first = first or ax
+        for merge, color in zip(merges, _colors(len(merges)), strict=True):
+            for quantizer, (style, marker) in _QUANT_STYLE.items():
                 by_bits: dict[int, Row] = {}
-                for r in rows:
-                    by_bits.setdefault(r.bits or 0, r)
-                if not by_bits:
-                    continue
-                bits = sorted(by_bits)
-                label = f"{merge} {QUANT_LABEL[quantizer]}"
-                if len(groups) > 1:
-                    label += f" ({_group_label(group)})"
-                ys = [100 * average(by_bits[b]) for b in bits]
-                ax.plot(bits, ys, linestyle=style, marker=marker, color=color, label=label)
-        for row in results.find(kind="merged", merge=merge)[:1]:
-            ax.axhline(100 * average(row), color=color, linestyle="-.", linewidth=1, alpha=0.6)
-            ax.plot([], [], color=color, linestyle="-.", label=f"{merge} full precision")
-    expert = results.expert_row()
-    if expert is not None:
-        ax.axhline(100 * average(expert), color="black", linewidth=1.2, label="experts")
-    ax.set_xticks(sorted({r.bits or 0 for r in quantized}))
-    _finish(ax, f"{results.suite}: average accuracy by bit width", "bits")
+                for r in quantized:
+                    if r.merge == merge and r.quantizer == quantizer and r.group_size == group:
+                        by_bits.setdefault(r.bits or 0, r)
+                if by_bits:
+                    bits = sorted(by_bits)
+                    ys = [100 * average(by_bits[b]) for b in bits]
+                    label = f"{merge} {QUANT_LABEL[quantizer]}"
+                    ax.plot(bits, ys, linestyle=style, marker=marker, color=color, label=label)
+            for row in results.find(kind="merged", merge=merge)[:1]:
+                ax.axhline(100 * average(row), color=color, linestyle="-.", linewidth=1, alpha=0.6)
+                ax.plot([], [], color=color, linestyle="-.", label=f"{merge} full precision")
+        expert = results.expert_row()
+        if expert is not None:
+            ax.axhline(100 * average(expert), color="black", linewidth=1.2, label="experts")
+        ax.set_xticks(sorted({r.bits or 0 for r in quantized}))
+        title = f"{results.suite}: average accuracy by bit width"
+        if len(groups) > 1:
+            title = f"{_group_label(group)}" if panel else f"{title}, {_group_label(group)}"
+        _finish(ax, title, "bits", legend=panel == len(groups) - 1)
     return _png(fig)
 
 
