@@ -173,6 +173,23 @@ def test_bad_inputs_name_the_tensor() -> None:
     bad[0, 0] = float("nan")
     with pytest.raises(EpmqError, match=r"grams\[1\] contains NaN"):
         epmq_target(e, [gr[0], bad], m, alpha=0.1)
+    bad_w = e[0].clone()
+    bad_w[2, 1] = float("inf")
+    with pytest.raises(EpmqError, match=r"expert_weights\[0\] contains Inf"):
+        epmq_target([bad_w, e[1]], gr, m, alpha=0.1)
+    dead = [g.clone() for g in gr]  # an Inf on an input no task ever uses (Inf * 0 = NaN)
+    for g in dead:
+        g[1, :] = 0.0
+        g[:, 1] = 0.0
+    with pytest.raises(EpmqError, match=r"expert_weights\[0\] contains Inf"):
+        epmq_target([bad_w, e[1]], dead, m, alpha=0.1)
+    bad_c = gr[0].clone()
+    bad_c[0, 1] = float("nan")
+    with pytest.raises(EpmqError, match=r"cross\[0\] contains NaN"):
+        epmq_target(e, gr, m, alpha=0.1, cross=[bad_c, gr[1]])
+    huge = [torch.full_like(w, torch.finfo(w.dtype).max) for w in e]
+    with pytest.raises(EpmqError, match="overflowed"):
+        epmq_target(huge, gr, m, alpha=0.1)
     bad_m = m.clone()
     bad_m[0, 0] = float("inf")
     with pytest.raises(EpmqError, match="merged_weight contains Inf"):

@@ -21,19 +21,25 @@ def working_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def check_finite(t: Tensor, name: str) -> None:
-    """Raise if ``t`` holds NaN or Inf, saying which."""
-    if torch.isnan(t).any():
-        raise EpmqError(f"{name} contains NaN")
-    if torch.isinf(t).any():
-        raise EpmqError(f"{name} contains Inf")
+    """Raise if ``t`` holds NaN or Inf, saying which (one pass over ``t`` when it is finite)."""
+    if bool(torch.isfinite(t).all()):
+        return
+    raise EpmqError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'}")
 
 
 def as_matrix(
-    t: Tensor, name: str, dtype: torch.dtype, device: torch.device | None = None
+    t: Tensor,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    *,
+    finite: bool = True,
 ) -> Tensor:
     """Validate a 2-D floating tensor; return it detached, as ``dtype`` on ``device``.
 
     No copy is made when dtype and device already match; callers clone before writing.
+    ``finite=False`` skips the NaN/Inf scan, for callers that check a result computed from
+    ``t`` instead (a NaN or Inf in ``t`` always reaches it) and then name the culprit.
     """
     if not isinstance(t, Tensor):
         raise EpmqError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -43,15 +49,22 @@ def as_matrix(
         raise EpmqError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.numel() == 0:
         raise EpmqError(f"{name} is empty (shape {tuple(t.shape)})")
-    check_finite(t, name)
+    if finite:
+        check_finite(t, name)
     return t.detach().to(device=device, dtype=dtype)
 
 
 def as_square(
-    t: Tensor, name: str, dim: int, dtype: torch.dtype, device: torch.device | None = None
+    t: Tensor,
+    name: str,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    *,
+    finite: bool = True,
 ) -> Tensor:
     """Validate a [dim, dim] matrix (a Hessian, Gram or cross statistic)."""
-    t = as_matrix(t, name, dtype, device)
+    t = as_matrix(t, name, dtype, device, finite=finite)
     if t.shape != (dim, dim):
         raise EpmqError(f"{name} must have shape ({dim}, {dim}), got {tuple(t.shape)}")
     return t
