@@ -76,21 +76,21 @@ def _clip() -> tuple[nn.Module, Callable[[], BlockAdapter], str, dict[str, list[
     return clip_family.make(CLIPVisionModel, seed=6), ClipVisionAdapter, ".layers.", calib
 
 
-def _t5() -> tuple[nn.Module, Callable[[], BlockAdapter], str, dict[str, list[Batch]]]:
-    batch = t5_family.batch
-    calib = {
-        "low": [batch(seed=s, low=2, high=50) for s in (10, 11)],
+def _token_tasks(batch: Callable[..., Batch], low: int) -> dict[str, list[Batch]]:
+    """Two calibration tasks drawing token ids from disjoint ranges (below / above 50)."""
+    return {
+        "low": [batch(seed=s, low=low, high=50) for s in (10, 11)],
         "high": [batch(seed=s, low=50, high=100) for s in (12, 13)],
     }
+
+
+def _t5() -> tuple[nn.Module, Callable[[], BlockAdapter], str, dict[str, list[Batch]]]:
+    calib = _token_tasks(t5_family.batch, low=2)
     return t5_family.make(seed=8), T5Adapter, ".block.", calib
 
 
 def _llama() -> tuple[nn.Module, Callable[[], BlockAdapter], str, dict[str, list[Batch]]]:
-    batch = llama_family.batch
-    calib = {
-        "low": [batch(seed=s, low=0, high=50) for s in (10, 11)],
-        "high": [batch(seed=s, low=50, high=100) for s in (12, 13)],
-    }
+    calib = _token_tasks(llama_family.batch, low=0)
     return llama_family.make(seed=8), LlamaAdapter, ".layers.", calib
 
 
