@@ -103,3 +103,30 @@ def test_bfloat16_evaluation_runs_and_is_recorded(cache_dir: Path, tmp_path: Pat
     for a, b in zip(bf16.rows, f32.rows, strict=True):  # a few flipped predictions at most
         for task in a.accuracy:
             assert abs(a.accuracy[task] - b.accuracy[task]) <= 0.1, (a.name, task)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_regmean_reduce_ratio_reaches_the_engine(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ratio: float
+) -> None:
+    import epmq.calib
+
+    real = epmq.calib.quantize_model
+    seen: list[float] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        if kwargs.get("method") == "regmean":
+            seen.append(float(kwargs["regmean_scale"]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(epmq.calib, "quantize_model", spy)
+    config = parse_config(
+        {
+            "suite": "tiny",
+            "merges": [{"method": "regmean", "params": {"reduce_ratio": ratio}}],
+            "quantization": {"methods": ["rtn"], "bits": [8]},
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
+    run_session(config, quick=True, cache_dir=cache_dir, progress=False, announce=lambda _: None)
+    assert seen == [ratio]

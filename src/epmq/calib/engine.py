@@ -41,6 +41,7 @@ from epmq.calib.records import LayerRecord
 from epmq.calib.solve import NEEDS_EXPERTS, SolveOptions
 from epmq.calib.stats_cache import StatsCache
 from epmq.errors import EpmqError
+from epmq.merging.methods.regmean import REDUCE_RATIO
 from epmq.models.adapter import Batch, BlockAdapter, Stage
 from epmq.quant import QuantGrid, QuantResult
 
@@ -92,6 +93,7 @@ def quantize_model(
     percdamp: float = 0.01,
     block_size: int = 128,
     static_groups: bool = False,
+    regmean_scale: float = REDUCE_RATIO,
     task_weights: Sequence[float] | Mapping[str, float] | None = None,
     checkpoint_dir: str | Path | None = None,
     output: str | Path | None = None,
@@ -150,6 +152,7 @@ def quantize_model(
         percdamp=percdamp,
         block_size=block_size,
         static_groups=static_groups,
+        regmean_scale=regmean_scale,
     )
     options.validate()
     if x_source not in X_SOURCES:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from epmq.errors import EpmqError
-from epmq.merging.methods.regmean import solve_regmean
+from epmq.merging.methods.regmean import REDUCE_RATIO, solve_regmean
 from epmq.quant import QuantGrid, QuantResult, epmq, epmq_target, gptq, proxy_loss, rtn
 
 METHODS = ("rtn", "gptq", "epmq", "regmean")
@@ -44,7 +44,7 @@ class SolveOptions:
     percdamp: float = 0.01
     block_size: int = 128
     static_groups: bool = False
-    regmean_scale: float = 0.95
+    regmean_scale: float = REDUCE_RATIO
 
     def validate(self) -> None:
         """Raise :class:`EpmqError` on an inconsistent combination."""
@@ -54,6 +54,8 @@ class SolveOptions:
             raise EpmqError(f"target must be 'expert' or 'merged', got {self.target!r}")
         if self.grid is None and self.method in ("rtn", "gptq"):
             raise EpmqError(f"method {self.method!r} needs a quantization grid")
+        if not 0.0 <= self.regmean_scale <= 1.0:
+            raise EpmqError(f"regmean_scale must be in [0, 1], got {self.regmean_scale!r}")
         if self.alpha < 0 or not torch.isfinite(torch.tensor(float(self.alpha))):
             raise EpmqError(f"alpha must be a finite number >= 0, got {self.alpha}")
 

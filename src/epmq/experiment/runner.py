@@ -289,12 +289,15 @@ def _build_merge(
     model.load_state_dict(state)
     del experts, state
     if merge.method == "regmean":
+        from epmq.merging.methods.regmean import REDUCE_RATIO
+
         quantize_model(
             model,
             None,
             workload.calibration,
             method="regmean",
             experts=sources or _expert_sources(workload),
+            regmean_scale=float(merge.params.get("reduce_ratio", REDUCE_RATIO)),
             progress=progress,
         )
     return model.eval()

@@ -23,6 +23,8 @@ import torch
 
 from epmq.merging.registry import Param, TensorContext, register_method
 
+# Default scale of the Gram off-diagonals (the RegMean paper's alpha), shared by the engine.
+REDUCE_RATIO = 0.95
 log = logging.getLogger("epmq.merging")
 
 
@@ -71,7 +73,7 @@ def solve_regmean(
         Param(
             "reduce_ratio",
             float,
-            0.95,
+            REDUCE_RATIO,
             "scale of the Gram off-diagonals (1 = plain RegMean, 0 = diagonal)",
             low=0.0,
             high=1.0,
