@@ -99,6 +99,8 @@ def test_bfloat16_evaluation_runs_and_is_recorded(cache_dir: Path, tmp_path: Pat
     bf16, _ = run_session(config, quick=True, cache_dir=cache_dir, progress=False, announce=print)
     f32, _ = run_session(reference, quick=True, cache_dir=cache_dir, progress=False, announce=print)
     assert bf16.settings["config"]["evaluation"]["dtype"] == "bfloat16"
+    assert "Evaluated with bfloat16" in (tmp_path / "bf16" / "report.md").read_text()
+    assert "Evaluated with" not in (tmp_path / "f32" / "report.md").read_text()
     assert [r.name for r in bf16.rows] == [r.name for r in f32.rows]
     for a, b in zip(bf16.rows, f32.rows, strict=True):  # a few flipped predictions at most
         for task in a.accuracy:

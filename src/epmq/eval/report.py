@@ -336,6 +336,9 @@ def render_markdown(
 ) -> str:
     """The full Markdown report; ``plots`` (from :func:`build_plots`) adds a plots section."""
     lines = [f"# {results.suite}: post-merge quantization results", ""]
+    dtype = results.settings.get("config", {}).get("evaluation", {}).get("dtype", "float32")
+    if dtype != "float32":
+        lines += [f"Evaluated with {dtype} forwards (autocast); calibration in float32.", ""]
     lines += [*render_table(results), ""]
     lines += [*_gap_lines(results, gap_threshold), ""]
     lines += [*_gain_lines(results, gap_threshold), ""]
