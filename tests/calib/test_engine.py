@@ -51,6 +51,20 @@ def test_weights_lie_on_grid_and_match_results(setup: Setup) -> None:
         torch.testing.assert_close(res.dequantize().float(), weight, rtol=0, atol=0)
         distinct = {round(v, 5) for v in (weight[0, :16] / res.scales[0, 0]).tolist()}
         assert len(distinct) <= grid.maxq + 1
+        # one copy in memory: the result's weight is the model's own float32 storage
+        assert res.weight.data_ptr() == params[f"{name}.weight"].data_ptr()
+
+
+def test_half_precision_model_keeps_a_float32_result_weight(setup: Setup) -> None:
+    model = setup.merged().to(torch.bfloat16)
+    run_ = quantize_model(
+        model, BertAdapter(), setup.calib, method="rtn", grid=QuantGrid(8), progress=False
+    )
+    params = dict(model.named_parameters())
+    for name, res in run_.results.items():
+        assert res.weight.dtype == torch.float32
+        assert res.weight.data_ptr() != params[f"{name}.weight"].data_ptr()
+        torch.testing.assert_close(res.weight.bfloat16(), params[f"{name}.weight"].detach())
 
 
 def test_epmq_beats_gptq_on_expert_outputs(setup: Setup) -> None:

@@ -227,8 +227,13 @@ class BlockJob:
                 self.reducer.share_(solution, full)
             module.weight.data.copy_(solution.weight.to(module.weight.dtype))
             outcome.weights[full] = module.weight.detach().clone()
-            if solution.result is not None:
-                outcome.results[full] = solution.result
+            result = solution.result
+            if result is not None:
+                if _same_layout(result.weight, module.weight) and torch.equal(
+                    result.weight, module.weight.data
+                ):  # the model now holds these values: keep one copy, not two
+                    result.weight = module.weight.data
+                outcome.results[full] = result
             if self.keep_grams and grams is not None:
                 outcome.grams[f"{full}.weight"] = grams
             record = LayerRecord(
@@ -245,6 +250,10 @@ class BlockJob:
             )
             record.log()
             outcome.records.append(record)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
 
 
 @torch.no_grad()
