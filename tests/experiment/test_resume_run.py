@@ -111,3 +111,14 @@ def test_resume_refuses_other_settings_and_force_starts_over(
 def test_resume_without_a_stopped_run_is_a_plain_run(cache_dir: Path, tmp_path: Path) -> None:
     results, out = _run(_config(tmp_path / "fresh"), cache_dir, resume=True)
     assert out.is_dir() and results.rows
+
+
+def test_resume_reuses_a_partial_folder_stopped_before_any_model(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "early"
+    partial_dir(out).mkdir(parents=True)  # stopped before its journal was written
+    with pytest.raises(EpmqError, match="--resume"):
+        _run(_config(out), cache_dir)
+    results, folder = _run(_config(out), cache_dir, resume=True)
+    assert folder.is_dir() and not partial_dir(out).exists() and results.rows

@@ -81,7 +81,9 @@ def run_session(
         "workload": workload.settings,
         "tasks": workload.tasks,
     }
-    with output_dir(out, force=force, resumable=True, resume=resuming) as partial:
+    # --resume reuses the partial folder even without a journal (a run stopped before its
+    # first model): the journal then starts afresh and every export is rewritten.
+    with output_dir(out, force=force, resumable=True, resume=resume) as partial:
         journal = Journal(partial, fingerprint, resume=resuming)
         if journal.done:
             announce(f"epmq: resuming {partial}: {journal.done} models already finished")
