@@ -7,6 +7,7 @@ activation stream (for ``x_source="expert"``), and the experts' tensors of this 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from epmq.calib.capture import BlockCall
 from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
+from epmq.calib.reuse import FinalOutputs
 from epmq.calib.solve import LayerProblem, SolveOptions, solve_layer
 from epmq.calib.statistics import LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
@@ -53,6 +55,7 @@ class BlockJob:
     keep_grams: bool = False
     reducer: GramReducer | None = None
     stats_cache: StatsCache | None = None
+    reuse_outputs: bool = True  # serve finished sub-modules' outputs in later passes (exact)
 
     @property
     def prefix(self) -> str:
@@ -119,10 +122,17 @@ class BlockJob:
             # RTN ignores its inputs, so one pass (for the proxy losses) serves every group.
             sequential = self.true_sequential and self.options.method != "rtn"
             plan = groups if sequential else [[n for g in groups for n in g]]
+            reuse = FinalOutputs(self.block) if sequential and self.reuse_outputs else None
             for group in plan:
-                stats, _ = self._calibrate(group, calls, twins, expert_calls, propagate=False)
+                stats, _ = self._calibrate(
+                    group, calls, twins, expert_calls, propagate=False, reuse=reuse
+                )
                 self._solve(group, stats, states, outcome)
-            next_calls = propagate(self.adapter, self.stage, self.index, self.block, calls)
+                if reuse is not None:
+                    reuse.mark_solved(group)
+            next_calls = propagate(
+                self.adapter, self.stage, self.index, self.block, calls, reuse=reuse
+            )
         return outcome, next_calls, self._advance_experts(twins, expert_calls)
 
     @torch.no_grad()
@@ -173,11 +183,33 @@ class BlockJob:
         expert_calls: Streams | None,
         *,
         propagate: bool,
+        reuse: FinalOutputs | None = None,
     ) -> tuple[TaskStatistics, Streams | None]:
         regmean_expert = self.options.method == "regmean" and twins is not None
         cross = twins is not None and not regmean_expert
         stats = TaskStatistics(self.block, names, self.tasks, cross=cross)
         outputs: Streams | None = {} if propagate else None
+        with reuse.pass_() if reuse is not None else contextlib.nullcontext():
+            self._record_tasks(
+                names, calls, twins, expert_calls, stats, outputs, regmean_expert, reuse
+            )
+        if self.reducer is not None:
+            self.reducer.reduce_(stats)
+        return stats, outputs
+
+    def _record_tasks(
+        self,
+        names: list[str],
+        calls: Streams,
+        twins: list[nn.Module] | None,
+        expert_calls: Streams | None,
+        stats: TaskStatistics,
+        outputs: Streams | None,
+        regmean_expert: bool,
+        reuse: FinalOutputs | None,
+    ) -> None:
+        """Run every task's calls through the block, adding the recorded inputs to ``stats``."""
+        propagate = outputs is not None
         for t, task in enumerate(self.tasks):
             recorder = LinearInputs(self.block, names, stop=not propagate)
             expert_recorder = (
@@ -185,7 +217,7 @@ class BlockJob:
             )
             task_out: list[BlockCall] = []
             for b, call in enumerate(calls[task]):
-                with recorder:
+                with recorder, _served(reuse, self.adapter, task, b, call):
                     recorder.reset(call.mask, call.linear_masks)
                     out = call.run(self.block)
                 expert_inputs = None
@@ -204,9 +236,6 @@ class BlockJob:
                     task_out.append(call.advanced(self.adapter, self.stage, self.index, out))
             if outputs is not None:
                 outputs[task] = task_out
-        if self.reducer is not None:
-            self.reducer.reduce_(stats)
-        return stats, outputs
 
     def _solve(
         self,
@@ -256,19 +285,46 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
 
 
+def _served(
+    reuse: FinalOutputs | None, adapter: BlockAdapter, task: str, index: int, call: BlockCall
+) -> contextlib.AbstractContextManager[None]:
+    """``reuse.call`` for one block call (a no-op without reuse)."""
+    if reuse is None:
+        return contextlib.nullcontext()
+    return reuse.call(task, index, adapter.hidden_states(call.args, call.kwargs))
+
+
 @torch.no_grad()
 def propagate_calls(
-    adapter: BlockAdapter, stage: Stage, index: int, block: nn.Module, calls: list[BlockCall]
+    adapter: BlockAdapter,
+    stage: Stage,
+    index: int,
+    block: nn.Module,
+    calls: list[BlockCall],
+    *,
+    task: str = "",
+    reuse: FinalOutputs | None = None,
 ) -> list[BlockCall]:
     """Run ``block`` on each call; return the next block's calls."""
-    return [call.advanced(adapter, stage, index, call.run(block)) for call in calls]
+    out = []
+    for b, call in enumerate(calls):
+        with _served(reuse, adapter, task, b, call):
+            out.append(call.advanced(adapter, stage, index, call.run(block)))
+    return out
 
 
 def propagate(
-    adapter: BlockAdapter, stage: Stage, index: int, block: nn.Module, calls: Streams
+    adapter: BlockAdapter,
+    stage: Stage,
+    index: int,
+    block: nn.Module,
+    calls: Streams,
+    *,
+    reuse: FinalOutputs | None = None,
 ) -> Streams:
-    """:func:`propagate_calls` for every task."""
-    return {
-        task: propagate_calls(adapter, stage, index, block, task_calls)
-        for task, task_calls in calls.items()
-    }
+    """:func:`propagate_calls` for every task (serving ``reuse``'s final outputs)."""
+    with reuse.pass_() if reuse is not None else contextlib.nullcontext():
+        return {
+            task: propagate_calls(adapter, stage, index, block, task_calls, task=task, reuse=reuse)
+            for task, task_calls in calls.items()
+        }

@@ -1,0 +1,88 @@
+"""Serving finished sub-modules' outputs across true-sequential passes changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fixture)
+
+import epmq.calib.block
+from epmq.calib import quantize_model
+from epmq.calib.reuse import FinalOutputs
+from epmq.quant import QuantGrid
+
+
+class NoReuse(FinalOutputs):
+    """Records nothing, so every pass recomputes every sub-module."""
+
+    def _candidates(self) -> list[str]:
+        return []
+
+
+def _quantize(setup: FamilySetup, method: str, x_source: str) -> tuple[torch.nn.Module, Any]:
+    model = setup.merged()
+    run = quantize_model(
+        model, setup.adapter(), setup.calib, method=method, grid=QuantGrid(4, group_size=16),
+        experts=setup.experts, alpha=0.05, x_source=x_source, progress=False,
+    )  # fmt: skip
+    return model, run
+
+
+@pytest.mark.parametrize("family", ["bert", "clip", "t5", "llama"])
+@pytest.mark.parametrize(("method", "x_source"), [("gptq", "quantized"), ("epmq", "expert")])
+def test_reuse_is_exact_and_used(
+    families: Callable[[str], FamilySetup],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    family: str,
+    method: str,
+    x_source: str,
+) -> None:
+    setup = families(family)
+    served: list[str] = []
+    original = FinalOutputs._server
+
+    def counting(self: FinalOutputs, outputs: dict) -> Any:
+        inner = original(self, outputs)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            served.append(family)
+            return inner(*args, **kwargs)
+
+        return forward
+
+    monkeypatch.setattr(FinalOutputs, "_server", counting)
+    model, run = _quantize(setup, method, x_source)
+    assert served, "no sub-module output was ever served"
+
+    monkeypatch.setattr(epmq.calib.block, "FinalOutputs", NoReuse)
+    reference, ref_run = _quantize(setup, method, x_source)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert run.results.keys() == ref_run.results.keys()
+    for name, result in run.results.items():
+        assert torch.equal(result.codes, ref_run.results[name].codes), name
+    assert [r.proxy_loss for r in run.layers] == [r.proxy_loss for r in ref_run.layers]
+
+
+def test_outputs_larger_than_the_hidden_states_are_not_kept() -> None:
+    block = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 4))
+    reuse = FinalOutputs(block)
+    reuse.mark_solved(["0"])
+    x = torch.randn(3, 4)
+    with reuse.pass_(), reuse.call("t", 0, x):
+        block(x)
+    assert reuse.served == {}  # "0" outputs 3 x 16 > 3 x 4 elements
+    small = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    reuse = FinalOutputs(small)
+    reuse.mark_solved(["0"])
+    with reuse.pass_(), reuse.call("t", 0, x):
+        first = small(x)
+    assert set(reuse.served) == {"0"}
+    with torch.no_grad():
+        small[0].weight.zero_()  # a served module is not run again ...
+    with reuse.pass_(), reuse.call("t", 0, x):
+        again = small(x)
+    assert torch.equal(first, again)  # ... so its recorded output is what comes out
