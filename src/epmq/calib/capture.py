@@ -9,7 +9,7 @@ mask, rotary position embeddings, the encoder output — is captured as the mode
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,17 +51,22 @@ class BlockCall:
         return replace(self, args=args, kwargs=kwargs)
 
 
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside nested tuples/lists/dicts."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def detach_tree(value: Any) -> Any:
     """Detach every tensor inside nested tuples/lists/dicts."""
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(detach_tree(v) for v in value)
-    if isinstance(value, list):
-        return [detach_tree(v) for v in value]
-    if isinstance(value, dict):
-        return {k: detach_tree(v) for k, v in value.items()}
-    return value
+    return map_tensors(value, Tensor.detach)
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from epmq.calib.capture import map_tensors
+
 Key = tuple[str, int]  # (task, batch index)
 
 
@@ -38,15 +40,7 @@ def _tensors(value: Any) -> list[Tensor]:
 
 def _copy(value: Any) -> Any:
     """A copy of ``value`` whose tensors share no memory with it."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(_copy(v) for v in value)
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.detach().clone())
 
 
 class FinalOutputs:
