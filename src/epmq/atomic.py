@@ -28,6 +28,16 @@ def partial_dir(path: str | Path) -> Path:
     return path.parent / f".{path.name}.partial"
 
 
+def refuse_stopped_run(path: str | Path, *, resume: bool, force: bool) -> None:
+    """Raise when a stopped resumable run left its partial folder and neither ``resume`` nor
+    ``force`` says what to do with it."""
+    partial = partial_dir(path)
+    if partial.exists() and not (resume or force):
+        raise EpmqError(
+            f"a stopped run left {partial}; pass --resume to continue it or --force to start over"
+        )
+
+
 def refuse_existing(path: str | Path, force: bool) -> None:
     """Raise a clear error when ``path`` exists and ``force`` is not given."""
     path = Path(path)
@@ -96,13 +106,9 @@ def output_dir(
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     if resumable:
+        refuse_stopped_run(path, resume=resume, force=force)
         partial = partial_dir(path)
         if partial.exists() and not resume:
-            if not force:
-                raise EpmqError(
-                    f"a stopped run left {partial}; pass --resume to continue it or --force "
-                    "to start over"
-                )
             shutil.rmtree(partial)
         partial.mkdir(exist_ok=True)
     else:

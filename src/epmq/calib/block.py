@@ -55,7 +55,6 @@ class BlockJob:
     keep_grams: bool = False
     reducer: GramReducer | None = None
     stats_cache: StatsCache | None = None
-    reuse_outputs: bool = True  # serve finished sub-modules' outputs in later passes (exact)
 
     @property
     def prefix(self) -> str:
@@ -122,7 +121,7 @@ class BlockJob:
             # RTN ignores its inputs, so one pass (for the proxy losses) serves every group.
             sequential = self.true_sequential and self.options.method != "rtn"
             plan = groups if sequential else [[n for g in groups for n in g]]
-            reuse = FinalOutputs(self.block) if sequential and self.reuse_outputs else None
+            reuse = FinalOutputs(self.block) if sequential else None  # exact: calib/reuse.py
             for group in plan:
                 stats, _ = self._calibrate(
                     group, calls, twins, expert_calls, propagate=False, reuse=reuse

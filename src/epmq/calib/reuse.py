@@ -28,14 +28,11 @@ from epmq.calib.capture import map_tensors
 Key = tuple[str, int]  # (task, batch index)
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+def _numel(value: Any) -> int:
+    """Elements in every tensor inside ``value``."""
+    sizes: list[int] = []
+    map_tensors(value, lambda t: sizes.append(t.numel()) or t)
+    return sum(sizes)
 
 
 def _copy(value: Any) -> Any:
@@ -131,7 +128,7 @@ class FinalOutputs:
             if self._key in self._recorded[name]:  # called twice in one forward: not reusable
                 del self._recorded[name]
                 return
-            if sum(t.numel() for t in _tensors(output)) > self._limit:
+            if _numel(output) > self._limit:
                 del self._recorded[name]  # too large to keep: never served
                 return
             self._recorded[name][self._key] = _copy(output)

@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from epmq.atomic import output_dir, partial_dir, refuse_existing, write_text
-from epmq.errors import EpmqError
+from epmq.atomic import output_dir, partial_dir, refuse_existing, refuse_stopped_run, write_text
 from epmq.eval.results import Results
 from epmq.experiment.config import ExperimentConfig
 from epmq.experiment.exports import VariantExporter
@@ -62,12 +61,8 @@ def run_session(
     out = Path(config.output.dir)
     force = force or config.output.force
     refuse_existing(out, force)
-    partial = partial_dir(out)
-    if partial.exists() and not (resume or force):
-        raise EpmqError(
-            f"a stopped run left {partial}; pass --resume to continue it or --force to start over"
-        )
-    resuming = resume and (partial / JOURNAL_FILE).is_file()
+    refuse_stopped_run(out, resume=resume, force=force)  # before any work
+    resuming = resume and (partial_dir(out) / JOURNAL_FILE).is_file()
     started = time.perf_counter()
     announce(f"epmq: preparing workload {config.suite or config.name!r}")
     workload = build_workload(config, quick=quick, cache_dir=cache_dir, progress=progress)
