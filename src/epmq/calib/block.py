@@ -21,7 +21,7 @@ from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
 from epmq.calib.solve import LayerProblem, SolveOptions, solve_layer
-from epmq.calib.statistics import LinearInputs, TaskStatistics
+from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
@@ -111,7 +111,9 @@ class BlockJob:
             return outcome, None, None
         if self.x_source == "merged":
             names = [n for g in groups for n in g]
-            stats, merged_next = self._calibrate(names, calls, None, None, propagate=True)
+            stats, merged_next = self._calibrate(
+                names, calls, None, None, propagate=True, states=states
+            )
             assert merged_next is not None
             next_calls = merged_next
             if self.stats_cache is not None:
@@ -124,7 +126,7 @@ class BlockJob:
             reuse = FinalOutputs(self.block) if sequential else None  # exact: calib/reuse.py
             for group in plan:
                 stats, _ = self._calibrate(
-                    group, calls, twins, expert_calls, propagate=False, reuse=reuse
+                    group, calls, twins, expert_calls, propagate=False, states=states, reuse=reuse
                 )
                 self._solve(group, stats, states, outcome)
                 if reuse is not None:
@@ -182,11 +184,21 @@ class BlockJob:
         expert_calls: Streams | None,
         *,
         propagate: bool,
+        states: list[dict[str, Tensor]] | None = None,
         reuse: FinalOutputs | None = None,
     ) -> tuple[TaskStatistics, Streams | None]:
         regmean_expert = self.options.method == "regmean" and twins is not None
         cross = twins is not None and not regmean_expert
-        stats = TaskStatistics(self.block, names, self.tasks, cross=cross)
+        fold = self._fold_weights(names, states)
+        stats: TaskStatistics
+        if fold is None:
+            stats = TaskStatistics(self.block, names, self.tasks, cross=cross)
+        else:
+            stats = FoldedStatistics(
+                self.block, names, self.tasks, cross=cross, fold=fold,
+                task_weights=self.options.task_weights,
+                reduce=self.reducer.reduce_ if self.reducer is not None else None,
+            )  # fmt: skip
         outputs: Streams | None = {} if propagate else None
         with reuse.pass_() if reuse is not None else contextlib.nullcontext():
             self._record_tasks(
@@ -195,6 +207,23 @@ class BlockJob:
         if self.reducer is not None:
             self.reducer.reduce_(stats)
         return stats, outputs
+
+    def _fold_weights(
+        self, names: list[str], states: list[dict[str, Tensor]] | None
+    ) -> dict[str, list[Tensor] | None] | None:
+        """Per linear, what its tasks' statistics are folded with while calibrating (see
+        :class:`FoldedStatistics`): the experts' weights (E-PMQ), W_m repeated (merged
+        targets) or nothing (S only: GPTQ, RTN). None keeps every per-task Gram instead:
+        RegMean, ``keep_grams`` and a statistics cache need them."""
+        cached = self.x_source == "merged" and self.stats_cache is not None
+        if self.options.method == "regmean" or self.keep_grams or cached:
+            return None
+        fold: dict[str, list[Tensor] | None] = {}
+        for name in names:
+            experts = None if states is None else [s[f"{name}.weight"] for s in states]
+            merged = self.block.get_submodule(name).weight.detach().float()
+            fold[name] = self._target_weights(experts, merged)
+        return fold
 
     def _record_tasks(
         self,
@@ -233,6 +262,7 @@ class BlockJob:
                     stats.add(task, recorder.inputs, expert_inputs)
                 if outputs is not None:
                     task_out.append(call.advanced(self.adapter, self.stage, self.index, out))
+            stats.end_task(task)
             if outputs is not None:
                 outputs[task] = task_out
 
@@ -247,9 +277,13 @@ class BlockJob:
             module = self.block.get_submodule(name)
             full = f"{self.prefix}.{name}"
             experts = None if states is None else [s[f"{name}.weight"] for s in states]
-            grams = None if stats is None else stats.grams(name)
-            crosses = None if stats is None else stats.crosses(name)
-            problem = LayerProblem(full, module.weight.detach().float(), grams, crosses, experts)
+            merged = module.weight.detach().float()
+            problem = LayerProblem(full, merged, None, None, experts)
+            if stats is not None and self.options.method == "regmean":
+                problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
+            elif stats is not None:
+                problem.sums = stats.sums(name, self._target_weights(experts, merged),
+                                          self.options.task_weights)  # fmt: skip
             solution = solve_layer(problem, self.options)
             if self.reducer is not None:
                 self.reducer.share_(solution, full)
@@ -262,8 +296,8 @@ class BlockJob:
                 ):  # the model now holds these values: keep one copy, not two
                     result.weight = module.weight.data
                 outcome.results[full] = result
-            if self.keep_grams and grams is not None:
-                outcome.grams[f"{full}.weight"] = grams
+            if self.keep_grams and stats is not None:
+                outcome.grams[f"{full}.weight"] = stats.grams(name)
             record = LayerRecord(
                 name=full,
                 stage=self.stage.name,
@@ -278,6 +312,13 @@ class BlockJob:
             )
             record.log()
             outcome.records.append(record)
+
+    def _target_weights(self, experts: list[Tensor] | None, merged: Tensor) -> list[Tensor] | None:
+        """The weights B is folded with: experts' (E-PMQ), W_m's (merged targets), or none."""
+        if self.options.method != "epmq":
+            return None
+        assert experts is not None
+        return [merged] * len(experts) if self.options.target == "merged" else experts
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

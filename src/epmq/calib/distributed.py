@@ -79,10 +79,13 @@ class GramReducer:
                 )
 
     def reduce_(self, stats: TaskStatistics) -> None:
-        """Replace every accumulator of ``stats`` by its sum over ranks (in place)."""
+        """Replace every accumulator of ``stats`` by its sum over ranks (in place); folded
+        statistics hold only the current task's accumulators, reduced before each fold."""
         if not self.active:
             return
         entries = [(n, t, acc) for n, accs in stats.acc.items() for t, acc in accs.items()]
+        if not entries:  # folded statistics after their last task (same on every rank)
+            return
         counts = torch.tensor([acc.count for _, _, acc in entries], dtype=torch.int64)
         dist.all_reduce(counts)
         for (name, task, acc), count in zip(entries, counts.tolist(), strict=True):

@@ -23,9 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from epmq.calib.statistics import fold_tasks
 from epmq.errors import EpmqError
 from epmq.merging.methods.regmean import REDUCE_RATIO, solve_regmean
-from epmq.quant import QuantGrid, QuantResult, epmq, epmq_target, gptq, proxy_loss, rtn
+from epmq.quant import (
+    QuantGrid,
+    QuantResult,
+    TargetSums,
+    gptq,
+    proxy_loss,
+    rtn,
+    target_from_sums,
+)
 
 METHODS = ("rtn", "gptq", "epmq", "regmean")
 NEEDS_EXPERTS = ("epmq", "regmean")
@@ -64,7 +73,7 @@ class SolveOptions:
 class LayerProblem:
     """One linear layer: merged weight, per-task Grams (and crosses), experts' weights.
 
-    ``grams`` is None for RTN without calibration data.
+    ``grams`` and ``sums`` are None for RTN without calibration data; RegMean needs ``grams``.
     """
 
     name: str
@@ -72,6 +81,9 @@ class LayerProblem:
     grams: list[Tensor] | None
     crosses: list[Tensor] | None
     experts: list[Tensor] | None
+    #: ``S`` and ``B`` folded from the statistics (calib/statistics.py); when None they are
+    #: folded here from ``grams`` (and ``crosses``).
+    sums: TargetSums | None = None
 
 
 @dataclass
@@ -86,59 +98,42 @@ class LayerSolution:
     seconds: float
 
 
-def weighted_sum(grams: Sequence[Tensor], weights: Sequence[float] | None) -> Tensor:
-    """``Σ_i w_i H_i`` (``w_i = 1`` without weights)."""
-    total = torch.zeros_like(grams[0])
-    for i, gram in enumerate(grams):
-        total += gram if weights is None else weights[i] * gram
-    return total
-
-
 def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
     """Solve ``problem`` with ``options.method``."""
     w_m = problem.merged.float()
     method = options.method
-    if problem.grams is None:
+    if problem.grams is None and problem.sums is None:
         if method != "rtn":
             raise EpmqError(f"method {method!r} needs calibration statistics for {problem.name!r}")
         assert options.grid is not None
         return _from_result(rtn(w_m, options.grid))
-    hessian = weighted_sum(problem.grams, options.task_weights)
-    if method in ("rtn", "gptq"):
-        assert options.grid is not None
-        if method == "rtn":
-            result = rtn(w_m, options.grid, hessian=hessian)
-        else:
-            result = gptq(w_m, hessian, options.grid, **_gptq_kwargs(options))
-        return _from_result(result)
-    if problem.experts is None:
+    if method in NEEDS_EXPERTS and problem.experts is None:
         raise EpmqError(f"method {method!r} needs the experts' weights for {problem.name!r}")
     if method == "regmean":
         return _regmean(problem, options.regmean_scale)
-    experts = problem.experts if options.target == "expert" else [w_m] * len(problem.experts)
-    crosses = problem.crosses if options.target == "expert" else None
-    if options.grid is None:
-        start = time.perf_counter()
-        w_star, h = epmq_target(
-            experts,
-            problem.grams,
-            w_m,
-            alpha=options.alpha,
-            task_weights=options.task_weights,
-            cross=crosses,
-        )
+    sums = problem.sums
+    if sums is None:
+        assert problem.grams is not None
+        weights = None
+        if method == "epmq":
+            assert problem.experts is not None
+            weights = problem.experts if options.target == "expert" else [w_m] * len(problem.grams)
+        crosses = problem.crosses if options.target == "expert" else None
+        sums = fold_tasks(problem.grams, weights, crosses, options.task_weights)
+    if method in ("rtn", "gptq"):
+        assert options.grid is not None
+        if method == "rtn":
+            result = rtn(w_m, options.grid, hessian=sums.s)
+        else:
+            result = gptq(w_m, sums.s, options.grid, **_gptq_kwargs(options))
+        return _from_result(result)
+    start = time.perf_counter()
+    w_star, h = target_from_sums(sums, w_m, alpha=options.alpha)
+    if options.grid is None:  # the continuous target W* as a merge
         loss = proxy_loss(w_star, w_m, h)
         return LayerSolution(w_star, None, loss, 0.0, 0, time.perf_counter() - start)
-    result = epmq(
-        experts,
-        problem.grams,
-        w_m,
-        options.grid,
-        alpha=options.alpha,
-        task_weights=options.task_weights,
-        cross=crosses,
-        **_gptq_kwargs(options),
-    )
+    result = gptq(w_star, h, options.grid, **_gptq_kwargs(options))
+    result.seconds = time.perf_counter() - start  # the target's solve included
     return _from_result(result)
 
 

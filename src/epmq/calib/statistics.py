@@ -7,20 +7,24 @@ cross-attention keys and values). With
 ``stop=True`` it raises :class:`StopForward` as soon as every watched linear has been called,
 so a true-sequential pass only runs the block up to the group being solved.
 
-:class:`TaskStatistics` holds one ``GramAccumulator`` per linear per task.
+:class:`TaskStatistics` holds one ``GramAccumulator`` per linear per task until the solve;
+:class:`FoldedStatistics` folds each task's statistics into the two sums the solvers need
+(``S = Σ_i w_i H_i`` and, for E-PMQ, ``B = Σ_i w_i W_i H_i``) as soon as the task's batches are
+done, so the memory per linear does not grow with the number of tasks (quant/target.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from epmq.errors import EpmqError
 from epmq.models.adapter import StopForward
-from epmq.quant import GramAccumulator
+from epmq.quant import GramAccumulator, TargetSums
 
 
 def flatten_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -102,10 +106,13 @@ class TaskStatistics:
     ) -> None:
         self.tasks = list(tasks)
         self.cross = cross
+        self.dims = {name: int(block.get_submodule(name).in_features) for name in names}
         self.acc: dict[str, dict[str, GramAccumulator]] = {}
-        for name in names:
-            dim = block.get_submodule(name).in_features
+        for name, dim in self.dims.items():
             self.acc[name] = {t: GramAccumulator(dim, cross=cross) for t in self.tasks}
+
+    def _accumulator(self, name: str, task: str) -> GramAccumulator:
+        return self.acc[name][task]
 
     def add(
         self, task: str, inputs: dict[str, Tensor], cross_inputs: dict[str, Tensor] | None
@@ -124,14 +131,14 @@ class TaskStatistics:
         for names in groups.values():
             x = inputs[names[0]].float()
             xc = None if cross_inputs is None or not self.cross else cross_inputs[names[0]].float()
-            first = self.acc[names[0]][task]
+            first = self._accumulator(names[0], task)
             if len(names) == 1:
                 first.add(x, xc)
                 continue
             batch = GramAccumulator(first.dim, dtype=first.dtype, cross=self.cross)
             batch.add(x, xc)
             for name in names:
-                self.acc[name][task].merge_(batch)
+                self._accumulator(name, task).merge_(batch)
 
     def grams(self, name: str) -> list[Tensor]:
         """Per-task normalised Grams ``X_i X_iᵀ / n_i`` of linear ``name``."""
@@ -146,3 +153,110 @@ class TaskStatistics:
     def counts(self, name: str) -> dict[str, int]:
         """Tokens seen per task for linear ``name``."""
         return {t: int(self.acc[name][t].count) for t in self.tasks}
+
+    def end_task(self, task: str) -> None:
+        """All of ``task``'s batches were added (nothing to do: Grams are kept until the solve)."""
+
+    def sums(
+        self, name: str, weights: Sequence[Tensor] | None, task_weights: Sequence[float] | None
+    ) -> TargetSums:
+        """``S`` (and ``B`` with expert ``weights``, one per task) of linear ``name``."""
+        grams, crosses = self.grams(name), self.crosses(name)
+        return fold_tasks(grams, weights, crosses, task_weights)
+
+
+def fold_tasks(
+    grams: Sequence[Tensor],
+    weights: Sequence[Tensor] | None,
+    crosses: Sequence[Tensor] | None,
+    task_weights: Sequence[float] | None,
+) -> TargetSums:
+    """Fold finished per-task statistics, in task order, into :class:`TargetSums`."""
+    rows = 0 if weights is None else int(weights[0].shape[0])
+    sums = TargetSums(rows, int(grams[0].shape[0]), dtype=grams[0].dtype)
+    for i, gram in enumerate(grams):
+        weight = None if weights is None else weights[i]
+        cross = None if crosses is None or weights is None else crosses[i]
+        w = 1.0 if task_weights is None else float(task_weights[i])
+        sums.add(gram, weight, cross=cross, task_weight=w)
+    return sums
+
+
+class FoldedStatistics(TaskStatistics):
+    """Like :class:`TaskStatistics`, but each task is folded into per-linear sums as soon as
+    :meth:`end_task` is called, and its accumulators are dropped.
+
+    Args:
+        fold: per linear, the weight each task folds B with (its expert's, or W_m repeated
+            for merged targets), or None to keep S only (GPTQ, RTN).
+        task_weights: w_i, default 1 each.
+        reduce: called with this object before each fold (sums the current task's
+            accumulators over distributed ranks); None in a single process.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        names: Sequence[str],
+        tasks: Sequence[str],
+        *,
+        cross: bool,
+        fold: Mapping[str, Sequence[Tensor] | None],
+        task_weights: Sequence[float] | None = None,
+        reduce: Callable[[TaskStatistics], None] | None = None,
+    ) -> None:
+        self.tasks = list(tasks)
+        self.cross = cross
+        self.dims = {name: int(block.get_submodule(name).in_features) for name in names}
+        # Accumulators of the task being recorded only (made on its first batch).
+        self.acc = {name: {} for name in names}
+        self.fold = fold
+        self.task_weights = task_weights
+        self.reduce = reduce
+        self.folded: dict[str, TargetSums] = {}
+        self._counts: dict[str, dict[str, int]] = {name: {} for name in self.acc}
+        for name in self.acc:
+            module = block.get_submodule(name)
+            rows = 0 if fold[name] is None else int(module.out_features)
+            self.folded[name] = TargetSums(rows, int(module.in_features))
+
+    def _accumulator(self, name: str, task: str) -> GramAccumulator:
+        accs = self.acc[name]
+        if task not in accs:
+            accs[task] = GramAccumulator(self.dims[name], cross=self.cross)
+        return accs[task]
+
+    def end_task(self, task: str) -> None:
+        """Fold ``task``'s statistics into every linear's sums; drop its accumulators."""
+        if self.reduce is not None:
+            self.reduce(self)
+        t = self.tasks.index(task)
+        w = 1.0 if self.task_weights is None else float(self.task_weights[t])
+        for name, accs in self.acc.items():
+            acc = accs.pop(task)
+            weights = self.fold[name]
+            weight = None if weights is None else weights[t]
+            cross = acc.cross if weights is not None else None
+            self.folded[name].add(acc.gram, weight, cross=cross, task_weight=w)
+            self._counts[name][task] = int(acc.count)
+
+    def counts(self, name: str) -> dict[str, int]:
+        """Tokens seen per task for linear ``name``."""
+        return dict(self._counts[name])
+
+    def grams(self, name: str) -> list[Tensor]:
+        raise EpmqError("folded statistics keep no per-task Grams (use TaskStatistics)")
+
+    def crosses(self, name: str) -> list[Tensor] | None:
+        raise EpmqError("folded statistics keep no per-task cross terms (use TaskStatistics)")
+
+    def sums(
+        self, name: str, weights: Sequence[Tensor] | None, task_weights: Sequence[float] | None
+    ) -> TargetSums:
+        """The folded sums of linear ``name`` (every task must have ended)."""
+        sums = self.folded[name]
+        if sums.tasks != len(self.tasks):
+            raise EpmqError(
+                f"statistics of {name!r}: {sums.tasks} of {len(self.tasks)} tasks were folded"
+            )
+        return sums

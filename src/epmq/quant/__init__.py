@@ -11,15 +11,17 @@ from epmq.quant.grid import QuantGrid
 from epmq.quant.loss import proxy_loss
 from epmq.quant.result import QuantResult
 from epmq.quant.rtn import rtn
-from epmq.quant.target import epmq, epmq_target
+from epmq.quant.target import TargetSums, epmq, epmq_target, target_from_sums
 
 __all__ = [
     "GramAccumulator",
     "QuantGrid",
     "QuantResult",
+    "TargetSums",
     "epmq",
     "epmq_target",
     "gptq",
     "proxy_loss",
     "rtn",
+    "target_from_sums",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -84,11 +84,9 @@ def epmq_target(
     rows, cols = w_m.shape
     dev = w_m.device  # experts and grams are moved (one at a time) to the merged weight's device
 
-    # S = sum_i w_i H_i and B = sum_i w_i W_i H_i (or W_i C_i), accumulated in place. The
-    # inputs are not scanned for NaN/Inf one by one (that costs a quarter of the product per
-    # expert): any NaN or Inf reaches S or B, which are checked once below.
-    s = torch.zeros(cols, cols, dtype=dtype, device=dev)
-    b = torch.zeros(rows, cols, dtype=dtype, device=dev)
+    # The inputs are not scanned for NaN/Inf one by one (that costs a quarter of the product
+    # per expert): any NaN or Inf reaches S or B, which target_from_sums checks once.
+    sums = TargetSums(rows, cols, dtype=dtype, device=dev)
     for i in range(k):
         w_i = as_matrix(expert_weights[i], f"expert_weights[{i}]", dtype, dev, finite=False)
         if w_i.shape != w_m.shape:
@@ -97,14 +95,84 @@ def epmq_target(
                 f"merged_weight has {tuple(w_m.shape)}"
             )
         h_i = as_square(grams[i], f"grams[{i}]", cols, dtype, dev, finite=False)
-        c_i = h_i
+        c_i = None
         if cross is not None:
             c_i = as_square(cross[i], f"cross[{i}]", cols, dtype, dev, finite=False)
-        s.add_(h_i, alpha=weights[i])
-        b.addmm_(w_i, c_i, alpha=weights[i])
-    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(b).all())):
-        _name_non_finite(expert_weights, grams, cross)
+        sums.add(h_i, w_i, cross=c_i, task_weight=weights[i])
+    return target_from_sums(
+        sums, w_m, alpha=alpha, on_non_finite=lambda: _name_non_finite(expert_weights, grams, cross)
+    )
 
+
+class TargetSums:
+    """The two sums E-PMQ needs, folded one task at a time (design.md section 2):
+
+        S = sum_i w_i H_i                and    B = sum_i w_i W_i H_i   (W_i C_i with cross terms)
+
+    Folding each task's statistics as soon as they are complete keeps two matrices per
+    linear ([in, in] and [out, in]) instead of K Grams (and K cross terms): the calibration
+    engine's memory then does not grow with the number of experts. ``rows=0`` keeps S only
+    (GPTQ and RTN need nothing else). The order of the additions is the order of the tasks,
+    so folding while calibrating gives the same bits as folding the finished Grams afterwards.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.s = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self.b = torch.zeros(rows, cols, dtype=dtype, device=device) if rows else None
+        self.tasks = 0
+
+    def add(
+        self,
+        gram: Tensor,
+        weight: Tensor | None = None,
+        *,
+        cross: Tensor | None = None,
+        task_weight: float = 1.0,
+    ) -> None:
+        """Fold one task: ``S += w H_i`` and ``B += w W_i H_i`` (``W_i C_i`` given ``cross``).
+
+        ``weight`` (the task's expert weight, or W_m for merged targets) is needed iff B is
+        kept. Inputs are cast to the sums' dtype and device; shapes are the caller's to check.
+        """
+        self.s.add_(gram.to(self.s), alpha=task_weight)
+        if self.b is not None:
+            if weight is None:
+                raise EpmqError("TargetSums.add: an expert weight is needed to fold B")
+            product = gram if cross is None else cross
+            self.b.addmm_(weight.to(self.b), product.to(self.b), alpha=task_weight)
+        self.tasks += 1
+
+
+def target_from_sums(
+    sums: TargetSums,
+    merged_weight: Tensor,
+    *,
+    alpha: float,
+    on_non_finite: Callable[[], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(W*, H)`` from folded sums: ``H = S + lam I``, ``W* = (B + lam W_m) H^-1``.
+
+    Consumes ``sums`` (S becomes H in place). ``on_non_finite`` is called (and should raise,
+    naming the culprit) when S or B holds NaN/Inf; without it a generic error is raised.
+    """
+    s, b = sums.s, sums.b
+    if b is None:
+        raise EpmqError("target_from_sums: the sums were folded without B (rows=0)")
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(b).all())):
+        if on_non_finite is not None:
+            on_non_finite()
+        raise EpmqError(
+            "epmq_target: the folded statistics hold NaN/Inf (a calibration activation, a "
+            "Gram or an expert weight was not finite)"
+        )
+    w_m = merged_weight.to(b)
     mean_diag = float(torch.diagonal(s).mean())
     if not mean_diag > 0:
         raise EpmqError("epmq_target: grams have no activation energy (mean of diag is 0)")
@@ -139,6 +207,7 @@ def epmq_target(
             f"(alpha={alpha:g}) even with a ridge of {ridge / 10:g} * mean(diag); use alpha > 0"
         )
     target = torch.cholesky_solve(b.T, chol).T.contiguous()
+    sums.b = None  # consumed: B now holds B + lam W_m
     return target, h
 
 
