@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from epmq.calib import StateDictExpert, quantize_model
-from epmq.calib.expert_cache import CachedExpert
+from epmq.calib.expert_cache import CacheBudget, CachedExpert
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
@@ -49,3 +49,16 @@ def test_runs_with_cached_experts_equal_runs_with_the_sources(setup) -> None:
     for state in weights[1:]:
         for name, value in weights[0].items():
             assert torch.equal(value, state[name]), name
+
+
+def test_a_spent_budget_serves_from_the_source_without_keeping() -> None:
+    state = {"a.weight": torch.ones(2, 3), "b.weight": torch.full((4,), 2.0)}
+    budget = CacheBudget(max_bytes=2 * 3 * 4 + 8)  # a.weight fits, b.weight does not
+    first, second = CountingExpert(state, "x"), CountingExpert(state, "y")
+    cached = [CachedExpert(first, budget), CachedExpert(second, budget)]
+    assert cached[0].tensor("a.weight") is cached[0].tensor("a.weight")
+    assert first.reads == 1 and budget.used == 24
+    for _ in range(2):
+        assert torch.equal(cached[1].tensor("b.weight"), torch.full((4,), 2.0))
+    assert second.reads == 2 and budget.refused == 2  # read each time, never held
+    assert cached[1].nbytes == 0 and budget.used == 24

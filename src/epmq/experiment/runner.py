@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from epmq.calib.engine import CalibrationRun
-from epmq.calib.expert_cache import CachedExpert
+from epmq.calib.expert_cache import CacheBudget, CachedExpert
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.stats_cache import StatsCache
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
@@ -304,11 +304,14 @@ def _build_merge(
 
 
 def _expert_sources(workload: Workload) -> list[ExpertWeights]:
-    """One source per task, each tensor read from disk (and checked) once."""
+    """One source per task, each tensor read from disk (and checked) once while the shared
+    budget (a quarter of the memory) lasts."""
     from epmq.calib import SafetensorsExpert
 
+    budget = CacheBudget()
     return [
-        CachedExpert(SafetensorsExpert(workload.expert_dirs[t], name=t)) for t in workload.tasks
+        CachedExpert(SafetensorsExpert(workload.expert_dirs[t], name=t), budget)
+        for t in workload.tasks
     ]
 
 
