@@ -20,7 +20,7 @@ from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
-from epmq.calib.solve import LayerProblem, SolveOptions, solve_layer
+from epmq.calib.solve import LayerProblem, SolveOptions, fold_weights, solve_layer
 from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
@@ -222,7 +222,7 @@ class BlockJob:
         for name in names:
             experts = None if states is None else [s[f"{name}.weight"] for s in states]
             merged = self.block.get_submodule(name).weight.detach().float()
-            fold[name] = self._target_weights(experts, merged)
+            fold[name] = fold_weights(self.options, experts, merged)
         return fold
 
     def _record_tasks(
@@ -277,13 +277,11 @@ class BlockJob:
             module = self.block.get_submodule(name)
             full = f"{self.prefix}.{name}"
             experts = None if states is None else [s[f"{name}.weight"] for s in states]
-            merged = module.weight.detach().float()
-            problem = LayerProblem(full, merged, None, None, experts)
-            if stats is not None and self.options.method == "regmean":
+            problem = LayerProblem(full, module.weight.detach().float(), None, None, experts)
+            if isinstance(stats, FoldedStatistics):
+                problem.sums = stats.sums(name)
+            elif stats is not None:  # solve_layer folds these itself
                 problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
-            elif stats is not None:
-                problem.sums = stats.sums(name, self._target_weights(experts, merged),
-                                          self.options.task_weights)  # fmt: skip
             solution = solve_layer(problem, self.options)
             if self.reducer is not None:
                 self.reducer.share_(solution, full)
@@ -312,13 +310,6 @@ class BlockJob:
             )
             record.log()
             outcome.records.append(record)
-
-    def _target_weights(self, experts: list[Tensor] | None, merged: Tensor) -> list[Tensor] | None:
-        """The weights B is folded with: experts' (E-PMQ), W_m's (merged targets), or none."""
-        if self.options.method != "epmq":
-            return None
-        assert experts is not None
-        return [merged] * len(experts) if self.options.target == "merged" else experts
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from epmq.calib.statistics import fold_tasks
 from epmq.errors import EpmqError
 from epmq.merging.methods.regmean import REDUCE_RATIO, solve_regmean
 from epmq.quant import (
@@ -98,6 +97,35 @@ class LayerSolution:
     seconds: float
 
 
+def fold_tasks(
+    grams: Sequence[Tensor],
+    weights: Sequence[Tensor] | None,
+    crosses: Sequence[Tensor] | None,
+    task_weights: Sequence[float] | None,
+) -> TargetSums:
+    """Fold finished per-task statistics, in task order, into :class:`TargetSums`."""
+    rows = 0 if weights is None else int(weights[0].shape[0])
+    sums = TargetSums(rows, int(grams[0].shape[0]), dtype=grams[0].dtype)
+    for i, gram in enumerate(grams):
+        weight = None if weights is None else weights[i]
+        cross = None if crosses is None or weights is None else crosses[i]
+        w = 1.0 if task_weights is None else float(task_weights[i])
+        sums.add(gram, weight, cross=cross, task_weight=w)
+    return sums
+
+
+def fold_weights(
+    options: SolveOptions, experts: Sequence[Tensor] | None, merged: Tensor
+) -> list[Tensor] | None:
+    """The weights each task's B term is folded with: the experts' (E-PMQ), W_m repeated
+    (E-PMQ with merged targets), or None (GPTQ and RTN need S only)."""
+    if options.method != "epmq":
+        return None
+    if experts is None:
+        raise EpmqError("method 'epmq' needs the experts' weights")
+    return [merged] * len(experts) if options.target == "merged" else list(experts)
+
+
 def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
     """Solve ``problem`` with ``options.method``."""
     w_m = problem.merged.float()
@@ -114,10 +142,7 @@ def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
     sums = problem.sums
     if sums is None:
         assert problem.grams is not None
-        weights = None
-        if method == "epmq":
-            assert problem.experts is not None
-            weights = problem.experts if options.target == "expert" else [w_m] * len(problem.grams)
+        weights = fold_weights(options, problem.experts, w_m)
         crosses = problem.crosses if options.target == "expert" else None
         sums = fold_tasks(problem.grams, weights, crosses, options.task_weights)
     if method in ("rtn", "gptq"):

@@ -107,12 +107,21 @@ class TaskStatistics:
         self.tasks = list(tasks)
         self.cross = cross
         self.dims = {name: int(block.get_submodule(name).in_features) for name in names}
-        self.acc: dict[str, dict[str, GramAccumulator]] = {}
-        for name, dim in self.dims.items():
-            self.acc[name] = {t: GramAccumulator(dim, cross=cross) for t in self.tasks}
+        self.acc: dict[str, dict[str, GramAccumulator]] = {name: {} for name in names}
+        for name in names:
+            for task in self._tasks_made_up_front():
+                self._accumulator(name, task)
+
+    def _tasks_made_up_front(self) -> list[str]:
+        """Tasks whose accumulators exist before any batch (all: every rank reduces the same
+        set, and a task without batches fails with a clear error at the solve)."""
+        return self.tasks
 
     def _accumulator(self, name: str, task: str) -> GramAccumulator:
-        return self.acc[name][task]
+        accs = self.acc[name]
+        if task not in accs:
+            accs[task] = GramAccumulator(self.dims[name], cross=self.cross)
+        return accs[task]
 
     def add(
         self, task: str, inputs: dict[str, Tensor], cross_inputs: dict[str, Tensor] | None
@@ -157,30 +166,6 @@ class TaskStatistics:
     def end_task(self, task: str) -> None:
         """All of ``task``'s batches were added (nothing to do: Grams are kept until the solve)."""
 
-    def sums(
-        self, name: str, weights: Sequence[Tensor] | None, task_weights: Sequence[float] | None
-    ) -> TargetSums:
-        """``S`` (and ``B`` with expert ``weights``, one per task) of linear ``name``."""
-        grams, crosses = self.grams(name), self.crosses(name)
-        return fold_tasks(grams, weights, crosses, task_weights)
-
-
-def fold_tasks(
-    grams: Sequence[Tensor],
-    weights: Sequence[Tensor] | None,
-    crosses: Sequence[Tensor] | None,
-    task_weights: Sequence[float] | None,
-) -> TargetSums:
-    """Fold finished per-task statistics, in task order, into :class:`TargetSums`."""
-    rows = 0 if weights is None else int(weights[0].shape[0])
-    sums = TargetSums(rows, int(grams[0].shape[0]), dtype=grams[0].dtype)
-    for i, gram in enumerate(grams):
-        weight = None if weights is None else weights[i]
-        cross = None if crosses is None or weights is None else crosses[i]
-        w = 1.0 if task_weights is None else float(task_weights[i])
-        sums.add(gram, weight, cross=cross, task_weight=w)
-    return sums
-
 
 class FoldedStatistics(TaskStatistics):
     """Like :class:`TaskStatistics`, but each task is folded into per-linear sums as soon as
@@ -205,26 +190,18 @@ class FoldedStatistics(TaskStatistics):
         task_weights: Sequence[float] | None = None,
         reduce: Callable[[TaskStatistics], None] | None = None,
     ) -> None:
-        self.tasks = list(tasks)
-        self.cross = cross
-        self.dims = {name: int(block.get_submodule(name).in_features) for name in names}
-        # Accumulators of the task being recorded only (made on its first batch).
-        self.acc = {name: {} for name in names}
+        super().__init__(block, names, tasks, cross=cross)
         self.fold = fold
         self.task_weights = task_weights
         self.reduce = reduce
         self.folded: dict[str, TargetSums] = {}
         self._counts: dict[str, dict[str, int]] = {name: {} for name in self.acc}
-        for name in self.acc:
-            module = block.get_submodule(name)
-            rows = 0 if fold[name] is None else int(module.out_features)
-            self.folded[name] = TargetSums(rows, int(module.in_features))
+        for name, dim in self.dims.items():
+            rows = 0 if fold[name] is None else int(block.get_submodule(name).out_features)
+            self.folded[name] = TargetSums(rows, dim)
 
-    def _accumulator(self, name: str, task: str) -> GramAccumulator:
-        accs = self.acc[name]
-        if task not in accs:
-            accs[task] = GramAccumulator(self.dims[name], cross=self.cross)
-        return accs[task]
+    def _tasks_made_up_front(self) -> list[str]:
+        return []  # only the task being recorded has accumulators (made on its first batch)
 
     def end_task(self, task: str) -> None:
         """Fold ``task``'s statistics into every linear's sums; drop its accumulators."""
@@ -250,9 +227,7 @@ class FoldedStatistics(TaskStatistics):
     def crosses(self, name: str) -> list[Tensor] | None:
         raise EpmqError("folded statistics keep no per-task cross terms (use TaskStatistics)")
 
-    def sums(
-        self, name: str, weights: Sequence[Tensor] | None, task_weights: Sequence[float] | None
-    ) -> TargetSums:
+    def sums(self, name: str) -> TargetSums:
         """The folded sums of linear ``name`` (every task must have ended)."""
         sums = self.folded[name]
         if sums.tasks != len(self.tasks):
