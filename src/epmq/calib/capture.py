@@ -76,8 +76,12 @@ def capture_stage_inputs(
     stage: Stage,
     batches: Sequence[Batch],
     task: str,
+    device: torch.device | None = None,
 ) -> list[BlockCall]:
-    """Run ``model`` on each batch and record the inputs of ``stage``'s first block."""
+    """Run ``model`` on each batch and record the inputs of ``stage``'s first block.
+
+    With ``device`` each batch is moved there first, so the recorded calls live on it.
+    """
     first = adapter.blocks(model, stage)[0]
     captured: list[tuple[BlockArgs, BlockKwargs]] = []
 
@@ -89,6 +93,8 @@ def capture_stage_inputs(
     handle = first.register_forward_pre_hook(catcher, with_kwargs=True)
     try:
         for number, batch in enumerate(batches):
+            if device is not None:
+                batch = map_tensors(dict(batch), lambda t: t.to(device))
             captured.clear()
             with contextlib.suppress(StopForward):
                 adapter.run_model(model, batch)

@@ -37,6 +37,7 @@ from epmq.calib.capture import BlockCall, capture_stage_inputs
 from epmq.calib.checkpoint import BlockCheckpoint
 from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights, as_expert
+from epmq.calib.onload import Placement
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import NEEDS_EXPERTS, SolveOptions
 from epmq.calib.stats_cache import StatsCache
@@ -102,6 +103,7 @@ def quantize_model(
     on_block_end: BlockCallback | None = None,
     distributed: bool | None = None,
     stats_cache: StatsCache | None = None,
+    device: str | torch.device | None = None,
 ) -> CalibrationRun:
     """Quantize (or merge) ``model``'s linears in place, block by block.
 
@@ -133,6 +135,10 @@ def quantize_model(
         stats_cache: statistics of the merged stream shared by several runs on the same
             merged model and data (``x_source="merged"`` only): the first run fills it, later
             runs are solved from it without running the model.
+        device: where the blocks run (``auto``, ``cpu``, ``cuda[:N]``; None: where the model
+            is). When it is not where the model is, the model stays there and each block is
+            onloaded for its lifecycle, the activations and statistics live on the device, and
+            the results come back to the model's device (:mod:`epmq.calib.onload`).
     """
     start = time.perf_counter()
     if adapter is None:
@@ -175,22 +181,26 @@ def quantize_model(
 
     model.eval()
     run = CalibrationRun([], {}, settings, 0.0)
-    upfront = (
-        {s.name: _capture(model, adapter, s, data) for s in stages}
-        if x_source == "merged" and data is not None
-        else {}
-    )
+    place = Placement.of(model, adapter, stages, device)
+    upfront = {}
+    if x_source == "merged" and data is not None:
+        for s in stages:
+            with place.stage(s):
+                upfront[s.name] = _capture(model, adapter, s, data, place.device)
     total = sum(len(adapter.blocks(model, s)) for s in stages)
     bar = tqdm(total=total, desc="calibrate", unit="block", disable=not progress)
     expert_final: Streams | None = None
     try:
         for number, stage in enumerate(stages):
             calls = None
-            if data is not None:
-                calls = upfront.get(stage.name) or _capture(model, adapter, stage, data)
             expert_calls = None
-            if x_source == "expert" and calls is not None:
-                expert_calls = _link(model, adapter, stage, calls, expert_final, number)
+            with place.stage(stage):
+                if data is not None:
+                    calls = upfront.get(stage.name) or _capture(
+                        model, adapter, stage, data, place.device
+                    )
+                if x_source == "expert" and calls is not None:
+                    expert_calls = _link(model, adapter, stage, calls, expert_final, number)
             for index, block in enumerate(adapter.blocks(model, stage)):
                 job = BlockJob(
                     adapter, stage, index, block, tasks, expert_list, options, x_source,
@@ -200,10 +210,13 @@ def quantize_model(
                 bar.set_postfix_str(f"{stage.name}.{index}")
                 if checkpoint is not None and checkpoint.has(stage.name, index):
                     weights, results, records = checkpoint.load(stage.name, index)
-                    calls, expert_calls = job.replay(calls, expert_calls, weights)
+                    with place.block(block):
+                        calls, expert_calls = job.replay(calls, expert_calls, weights)
                     run.resumed_blocks += 1
                 else:
-                    outcome, calls, expert_calls = job.run(calls, expert_calls)
+                    with place.block(block):
+                        outcome, calls, expert_calls = job.run(calls, expert_calls)
+                    outcome = place.home(outcome)
                     weights, results, records = outcome.weights, outcome.results, outcome.records
                     run.grams.update(outcome.grams)
                     if checkpoint is not None:
@@ -228,10 +241,14 @@ def quantize_model(
 
 
 def _capture(
-    model: nn.Module, adapter: BlockAdapter, stage: Stage, calib: Mapping[str, Sequence[Batch]]
+    model: nn.Module,
+    adapter: BlockAdapter,
+    stage: Stage,
+    calib: Mapping[str, Sequence[Batch]],
+    device: torch.device | None,
 ) -> Streams:
     return {
-        task: capture_stage_inputs(model, adapter, stage, batches, task)
+        task: capture_stage_inputs(model, adapter, stage, batches, task, device)
         for task, batches in calib.items()
     }
 

@@ -66,8 +66,9 @@ class CachedExpert(ExpertWeights):
     def _read(self, key: str) -> Tensor:
         return self.source._read(key)
 
-    def tensor(self, name: str, like: Tensor | None = None) -> Tensor:
-        """:meth:`ExpertWeights.tensor` of the source, read once per name, dtype and shape."""
+    def host_tensor(self, name: str, like: Tensor | None = None) -> Tensor:
+        """:meth:`ExpertWeights.host_tensor` of the source, read once per name, dtype and
+        shape (kept in CPU memory whatever device it is served to)."""
         key = (
             name,
             None if like is None else like.dtype,
@@ -75,7 +76,7 @@ class CachedExpert(ExpertWeights):
         )
         value = self._served.get(key)
         if value is None:
-            value = self.source.tensor(name, like)
+            value = self.source.host_tensor(name, like)
             if not self.budget.take(value.numel() * value.element_size()):
                 return value
             value = value.clone()

@@ -76,8 +76,14 @@ class ExpertWeights:
         """The expert's value of the merged model's parameter ``name``.
 
         With ``like``, the shape must match (else :class:`EpmqError` naming expert and
-        tensor) and the result takes ``like``'s dtype.
+        tensor) and the result takes ``like``'s dtype and device (read and checked on the
+        host, then moved: :meth:`host_tensor`).
         """
+        value = self.host_tensor(name, like)
+        return value if like is None else value.to(like.device, non_blocking=True)
+
+    def host_tensor(self, name: str, like: Tensor | None = None) -> Tensor:
+        """:meth:`tensor` as read, on the CPU (cast to ``like``'s dtype, shape checked)."""
         value = self._read(self.resolve(name))
         if like is not None:
             if tuple(value.shape) != tuple(like.shape):

@@ -102,10 +102,13 @@ def fold_tasks(
     weights: Sequence[Tensor] | None,
     crosses: Sequence[Tensor] | None,
     task_weights: Sequence[float] | None,
+    device: torch.device | None = None,
 ) -> TargetSums:
-    """Fold finished per-task statistics, in task order, into :class:`TargetSums`."""
+    """Fold finished per-task statistics, in task order, into :class:`TargetSums` (on
+    ``device``; default: the first Gram's)."""
     rows = 0 if weights is None else int(weights[0].shape[0])
-    sums = TargetSums(rows, int(grams[0].shape[0]), dtype=grams[0].dtype)
+    device = grams[0].device if device is None else device
+    sums = TargetSums(rows, int(grams[0].shape[0]), dtype=grams[0].dtype, device=device)
     for i, gram in enumerate(grams):
         weight = None if weights is None else weights[i]
         cross = None if crosses is None or weights is None else crosses[i]
@@ -144,7 +147,7 @@ def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
         assert problem.grams is not None
         weights = fold_weights(options, problem.experts, w_m)
         crosses = problem.crosses if options.target == "expert" else None
-        sums = fold_tasks(problem.grams, weights, crosses, options.task_weights)
+        sums = fold_tasks(problem.grams, weights, crosses, options.task_weights, w_m.device)
     if method in ("rtn", "gptq"):
         assert options.grid is not None
         if method == "rtn":

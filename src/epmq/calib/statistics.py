@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from epmq.devices import module_device
 from epmq.errors import EpmqError
 from epmq.models.adapter import StopForward
 from epmq.quant import GramAccumulator, TargetSums
@@ -106,6 +107,7 @@ class TaskStatistics:
     ) -> None:
         self.tasks = list(tasks)
         self.cross = cross
+        self.device = module_device(block)  # statistics live where the block runs
         self.dims = {name: int(block.get_submodule(name).in_features) for name in names}
         self.acc: dict[str, dict[str, GramAccumulator]] = {name: {} for name in names}
         for name in names:
@@ -120,7 +122,7 @@ class TaskStatistics:
     def _accumulator(self, name: str, task: str) -> GramAccumulator:
         accs = self.acc[name]
         if task not in accs:
-            accs[task] = GramAccumulator(self.dims[name], cross=self.cross)
+            accs[task] = GramAccumulator(self.dims[name], cross=self.cross, device=self.device)
         return accs[task]
 
     def add(
@@ -144,7 +146,9 @@ class TaskStatistics:
             if len(names) == 1:
                 first.add(x, xc)
                 continue
-            batch = GramAccumulator(first.dim, dtype=first.dtype, cross=self.cross)
+            batch = GramAccumulator(
+                first.dim, dtype=first.dtype, cross=self.cross, device=self.device
+            )
             batch.add(x, xc)
             for name in names:
                 self._accumulator(name, task).merge_(batch)
@@ -198,7 +202,7 @@ class FoldedStatistics(TaskStatistics):
         self._counts: dict[str, dict[str, int]] = {name: {} for name in self.acc}
         for name, dim in self.dims.items():
             rows = 0 if fold[name] is None else int(block.get_submodule(name).out_features)
-            self.folded[name] = TargetSums(rows, dim)
+            self.folded[name] = TargetSums(rows, dim, device=self.device)
 
     def _tasks_made_up_front(self) -> list[str]:
         return []  # only the task being recorded has accumulators (made on its first batch)

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from epmq.atomic import save_tensors
@@ -70,7 +71,8 @@ class StatsCache:
         return (stage, block) in self._memory or (stage, block) in self._on_disk
 
     def store(self, stage: str, block: int, stats: TaskStatistics) -> None:
-        """Keep ``stats`` (in memory while under the limit, else on disk)."""
+        """Keep ``stats`` (in CPU memory while under the limit, else on disk)."""
+        _to_host(stats)
         size = _nbytes(stats)
         if self._bytes + size <= self.memory_limit:
             self._memory[(stage, block)] = stats
@@ -114,6 +116,17 @@ class StatsCache:
             self._temporary = True
         self._folder.mkdir(parents=True, exist_ok=True)
         return self._folder
+
+
+def _to_host(stats: TaskStatistics) -> None:
+    """Move statistics gathered on a GPU into CPU memory (a no-op on the CPU)."""
+    if stats.device.type == "cpu":
+        return
+    for accs in stats.acc.values():
+        for task, acc in accs.items():
+            state = {k: v.cpu() for k, v in acc.state_dict().items()}
+            accs[task] = GramAccumulator.from_state_dict(state)
+    stats.device = torch.device("cpu")
 
 
 def _nbytes(stats: TaskStatistics) -> int:

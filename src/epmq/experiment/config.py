@@ -6,12 +6,14 @@ the field (``run.yaml: quantization.bits.0: bits must be between 2 and 8``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from epmq.devices import DEVICE_CHOICES
 from epmq.errors import EpmqError
 
 Family = Literal["bert", "clip", "t5", "llama"]
@@ -168,6 +170,9 @@ class ExperimentConfig(_Strict):
     family: Family | None = None
     pooling: Literal["mean", "cls"] = "mean"
     image: ImageSpec | None = None
+    #: where calibration and evaluation run: auto (a CUDA GPU when present), cpu, cuda[:N];
+    #: the models wait in CPU memory and one block at a time is onloaded (calib/onload.py)
+    device: str = "auto"
     base: BaseModelSpec | None = None
     experts: list[ExpertSpec] = Field(default_factory=list)
     tasks: list[TaskSpec] = Field(default_factory=list)
@@ -178,6 +183,14 @@ class ExperimentConfig(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", text):
+            raise ValueError(f"device must be {DEVICE_CHOICES}, got {value!r}")
+        return text
 
     @model_validator(mode="after")
     def _models_and_tasks_agree(self) -> ExperimentConfig:

@@ -27,7 +27,9 @@ from torch import nn
 from epmq.calib.engine import CalibrationRun
 from epmq.calib.expert_cache import CacheBudget, CachedExpert
 from epmq.calib.expert_weights import ExpertWeights
+from epmq.calib.onload import Onloaded
 from epmq.calib.stats_cache import StatsCache
+from epmq.devices import resolve_device
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
 from epmq.experiment.config import ExperimentConfig, MergeSpec
 from epmq.experiment.journal import Journal
@@ -187,8 +189,13 @@ def _evaluate(
     """Per-task accuracy of ``model``, its forwards in ``config.evaluation.dtype``."""
     from epmq.eval.accuracy import evaluation_precision
 
-    device = next(model.parameters()).device
-    with evaluation_precision(config.evaluation.dtype, device):
+    device = resolve_device(config.device)
+    assert device is not None
+    # the whole model on the device: evaluation holds no activations beyond one batch
+    with (
+        Onloaded([model], device, write_back=False),
+        evaluation_precision(config.evaluation.dtype, device),
+    ):
         return workload.evaluate(model, heads, tasks)
 
 
@@ -299,6 +306,7 @@ def _build_merge(
             experts=sources or _expert_sources(workload),
             regmean_scale=float(merge.params.get("reduce_ratio", REDUCE_RATIO)),
             progress=progress,
+            device=config.device,
         )
     return model.eval()
 
@@ -358,6 +366,7 @@ def _quantized_copy(
         block_size=q.block_size,
         progress=progress,
         stats_cache=cache if x_source == "merged" else None,
+        device=config.device,
     )
     return model.eval(), run
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from epmq.calib.text_data import calibration_batches, load_tokenizer, model_input_names
 from epmq.data import Examples, TaskData
+from epmq.devices import module_device
 from epmq.errors import EpmqError
 from epmq.experiment.config import ExpertSpec, TaskSpec
 from epmq.heads.base import Batch, FamilyTasks, require_text
@@ -81,11 +82,12 @@ class EncoderTasks(FamilyTasks):
     def features(self, encoder: nn.Module, batch: Batch) -> Tensor:
         """The pooled output the heads read: ``[batch, hidden]``."""
         names = model_input_names(encoder)
-        inputs = {k: v for k, v in batch.items() if names is None or k in names}
+        device = module_device(encoder)
+        inputs = {k: v.to(device) for k, v in batch.items() if names is None or k in names}
         hidden = encoder(**inputs).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
-        return mean_pool(hidden, batch["attention_mask"])
+        return mean_pool(hidden, batch["attention_mask"].to(device))
 
     def predict(
         self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
@@ -94,6 +96,6 @@ class EncoderTasks(FamilyTasks):
         predicted = torch.empty(len(encoded), dtype=torch.long)
         pad = self.tokenizer.pad_token_id or 0
         for index, batch in length_sorted_batches(encoded, batch_size, pad):
-            logits = head(self.features(model, batch).float())
-            predicted[index] = logits.argmax(-1)
+            features = self.features(model, batch).to(module_device(head))
+            predicted[index] = head(features.float()).argmax(-1).cpu()
         return predicted

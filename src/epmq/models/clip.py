@@ -123,6 +123,8 @@ def image_features(
     bare ``CLIPVisionModel`` gives its pooled output, projected by ``projection`` when given
     (e.g. the pretrained ``CLIPModel.visual_projection``, as FusionBench does).
     """
+    parameter = next(model.parameters())
+    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
     if hasattr(model, "get_image_features") and hasattr(model, "visual_projection"):
         embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
     elif hasattr(model, "visual_projection"):
@@ -130,7 +132,7 @@ def image_features(
     else:
         embeds = model(pixel_values=pixel_values).pooler_output
         if projection is not None:
-            embeds = projection(embeds)
+            embeds = projection(embeds.to(next(projection.parameters()).device))
     return _normalize(embeds) if normalize else embeds
 
 
@@ -187,5 +189,6 @@ def classify(
     """Logits ``[batch, classes]``: ``head`` applied to the normalised image embeddings."""
     features = image_features(model, pixel_values, projection)
     weight = getattr(head, "weight", None)
-    dtype = weight.dtype if isinstance(weight, Tensor) else features.dtype
-    return head(features.to(dtype))
+    if isinstance(weight, Tensor):
+        features = features.to(device=weight.device, dtype=weight.dtype)
+    return head(features)

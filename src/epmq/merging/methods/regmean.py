@@ -43,10 +43,11 @@ def solve_regmean(
 ) -> torch.Tensor:
     """RegMean solution for stacked weights ``(K, d_out, d_in)`` and K Grams (d_in, d_in)."""
     d_in = weights.shape[-1]
-    lhs = torch.zeros(d_in, d_in, dtype=torch.float64)
-    rhs = torch.zeros(weights.shape[1:], dtype=torch.float64)
+    device = weights.device  # solved where the weights are (float64 on a GPU too)
+    lhs = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+    rhs = torch.zeros(weights.shape[1:], dtype=torch.float64, device=device)
     for weight, gram in zip(weights, grams, strict=True):
-        g = gram.to(torch.float64)
+        g = gram.to(device=device, dtype=torch.float64)
         reduced = g * reduce_ratio
         reduced.diagonal().copy_(g.diagonal())
         lhs += reduced
@@ -57,7 +58,7 @@ def solve_regmean(
         eps = 1e-8 * (scale if scale > 0 else 1.0)
         mean_weight = weights.to(torch.float64).mean(0)
         while factor is None:
-            factor = _factor(lhs + eps * torch.eye(d_in, dtype=torch.float64))
+            factor = _factor(lhs + eps * torch.eye(d_in, dtype=torch.float64, device=device))
             if factor is None:
                 eps *= 10
         log.warning(
