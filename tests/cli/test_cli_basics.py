@@ -64,3 +64,19 @@ def test_run_with_missing_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert (
         result.stderr.strip() == f"epmq: error: config file {tmp_path / 'nope.yaml'} does not exist"
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "examples/configs/text8.yaml", "--check", "--device", "tpu"),
+        ("demo", "--device", "cuda:x"),
+    ],
+    ids=["run", "demo"],
+)
+def test_bad_device_is_one_line(args: tuple[str, ...]) -> None:
+    result = _epmq(*args)
+    assert result.returncode == 2, result.stderr
+    assert "device must be auto, cpu, cuda or cuda:N" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

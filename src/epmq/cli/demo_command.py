@@ -57,6 +57,7 @@ def demo(
         False, "--resume", help="Continue a stopped run from its last finished model."
     ),
     seed: int = typer.Option(0, help="Seed of the experiment."),
+    device: str = typer.Option("auto", help="Where to calibrate and evaluate: auto, cpu, cuda:N."),
 ) -> None:
     """Train or load the suite's experts, merge, quantize (RTN/GPTQ/E-PMQ), evaluate, report."""
     from epmq.experiment.config import parse_config
@@ -88,6 +89,7 @@ def demo(
             "name": f"demo-{suite}",
             "seed": seed,
             "suite": suite,
+            "device": device,
             "merges": [{"method": m, "params": DEMO_MERGES[m]} for m in names],
             "quantization": quant,
             "evaluation": {"max_test": max_test, "dtype": eval_dtype},

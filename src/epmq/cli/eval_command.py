@@ -22,12 +22,22 @@ from epmq.errors import EpmqError
 
 
 def evaluate_folder(
-    suite: Any, folder: Path, *, max_test: int | None, batch_size: int, progress: bool
+    suite: Any,
+    folder: Path,
+    *,
+    max_test: int | None,
+    batch_size: int,
+    progress: bool,
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """Accuracy per task of the encoder in ``folder`` with the suite's expert heads."""
+    """Accuracy per task of the encoder in ``folder`` with the suite's expert heads, its
+    forwards on ``device`` (auto, cpu, cuda[:N])."""
+    from epmq.devices import resolve_device
+
+    target = resolve_device(device)
     models = suite.prepare(progress=progress)
     heads = {task: suite.load_head(models.expert_dirs[task]) for task in suite.task_names}
-    encoder = suite.load_encoder(folder)
+    encoder = suite.load_encoder(folder).to(target)
     return suite.evaluate(encoder, heads, batch_size=batch_size, max_examples=max_test)
 
 
@@ -61,6 +71,9 @@ def eval_command(
     quick: Annotated[bool, typer.Option("--quick", help="The suite's quick settings.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch.")] = 128,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: Annotated[
+        str, typer.Option("--device", help="Where to evaluate: auto, cpu, cuda[:N].")
+    ] = "auto",
 ) -> None:
     """Evaluate an encoder folder on every task of a suite with the per-task expert heads."""
     from epmq.atomic import refuse_existing, write_json
@@ -82,8 +95,9 @@ def eval_command(
     quantization_kwargs(model)  # an unloadable folder fails before the suite is prepared
     the_suite = get_suite(suite, cache_dir=cache_dir, quick=quick)
     accuracy = evaluate_folder(
-        the_suite, model, max_test=max_test, batch_size=batch_size, progress=progress
-    )
+        the_suite, model, max_test=max_test, batch_size=batch_size, progress=progress,
+        device=device,
+    )  # fmt: skip
     typer.echo(format_table(accuracy))
     if json_file is not None:
         data = {

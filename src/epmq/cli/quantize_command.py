@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from epmq.cli.app import app
 from epmq.errors import EpmqError
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("rtn", "gptq", "epmq")
 X_SOURCES = ("quantized", "merged", "expert")
@@ -173,10 +176,14 @@ def quantize_command(
         bool, typer.Option("--resume", help="Save finished blocks; continue a stopped run.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    device: Annotated[
+        str, typer.Option("--device", help="Where blocks run: auto, cpu, cuda[:N].")
+    ] = "auto",
 ) -> None:
     """Quantize a merged model's linear layers (RTN, GPTQ or E-PMQ) and export --out."""
     from epmq.atomic import refuse_existing
     from epmq.calib.text_data import parse_task_paths
+    from epmq.devices import resolve_device
 
     for flag, value in (("--model", model), ("--method", method), ("--bits", bits), ("--out", out)):
         if value is None:
@@ -209,7 +216,7 @@ def quantize_command(
         target=target, calib_files=calib_files, expert_dirs=expert_dirs, calib_size=calib_size,
         max_length=max_length, batch_size=batch_size, text_field=text_field,
         tokenizer_dir=tokenizer or model, seed=seed, fmt=fmt, dtype=dtype, force=force,
-        resume=resume, progress=progress,
+        resume=resume, progress=progress, device=resolve_device(device),
     )  # fmt: skip
 
 
@@ -219,6 +226,7 @@ def run_quantize(
     calib_files: dict[str, Path], expert_dirs: dict[str, Path], calib_size: int,
     max_length: int, batch_size: int, text_field: str | None, tokenizer_dir: Path, seed: int,
     fmt: str, dtype: str, force: bool, resume: bool, progress: bool,
+    device: torch.device | None = None,
 ) -> None:  # fmt: skip
     """Load, calibrate, quantize and export (the options are checked by the command)."""
     import torch
@@ -242,7 +250,7 @@ def run_quantize(
         model, adapter, batches, method=method,
         grid=QuantGrid(bits, group_size, symmetric), experts=experts, alpha=alpha,
         x_source=x_source, target=target, act_order=act_order, static_groups=static_groups,
-        checkpoint_dir=checkpoint, progress=progress,
+        checkpoint_dir=checkpoint, progress=progress, device=device,
     )  # fmt: skip
     record = {
         "command": "quantize",

@@ -19,11 +19,16 @@ def run(
         False, "--resume", help="Continue a stopped run from its last finished model."
     ),
     check: bool = typer.Option(False, "--check", help="Only validate the config and exit."),
+    device: str | None = typer.Option(
+        None, help="Where to calibrate and evaluate: auto, cpu, cuda[:N] (overrides 'device')."
+    ),
 ) -> None:
     """Merge, quantize, evaluate and report, as CONFIG describes."""
-    from epmq.experiment.config import load_config
+    from epmq.experiment.config import load_config, parse_config
 
     parsed = load_config(config)
+    if device is not None:
+        parsed = parse_config({**parsed.model_dump(mode="json"), "device": device}, "--device")
     if check:
         typer.echo(f"{config}: valid ({len(parsed.merges)} merges)")
         return
