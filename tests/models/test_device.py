@@ -12,12 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import test_family_resume_and_grid as family_tests
 import torch
-from test_family_resume_and_grid import (  # noqa: F401 - `families` is a fixture
-    FamilySetup,
-    assert_on_grid,
-    families,
-)
+from test_family_resume_and_grid import FamilySetup, assert_on_grid
 
 from epmq.calib import engine, quantize_model
 from epmq.calib.onload import Onloaded, Placement
@@ -33,6 +30,7 @@ CASES = [
     pytest.param("epmq", "merged", id="epmq-merged"),
 ]
 GRID = QuantGrid(4, group_size=16)
+families = family_tests.families  # the module-scoped fixture: tiny models and their experts
 has_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -53,7 +51,7 @@ def test_config_device_field() -> None:
     base = {"suite": "tiny"}
     assert parse_config(base).device == "auto"
     assert parse_config({**base, "device": "CUDA:1"}).device == "cuda:1"
-    with pytest.raises(EpmqError, match="device: .*device must be"):
+    with pytest.raises(EpmqError, match=r"device: .*device must be"):
         parse_config({**base, "device": "tpu"}, "run.yaml")
 
 
