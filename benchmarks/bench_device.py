@@ -1,0 +1,242 @@
+"""Benchmark the calibration engine on a device: a Llama-style model, K experts on disk.
+
+A Llama-style causal LM is built from a config (random weights) in ``--dtype``; K experts are
+the base plus a random low-rank delta on every block linear (``--rank``), saved as safetensors
+folders; the merged model is task arithmetic (s = 0.3) of them and waits in CPU memory. Each
+run quantizes a fresh copy of the merge with ``quantize_model(..., device=--device)``: the
+blocks are onloaded one at a time, activations and statistics live on the device. Printed per
+run: wall time, seconds per block (median, max), GPU peak memory (``max_memory_allocated``)
+against the bound "one block × (K + 2) + the block's activations + its statistics", the CPU
+peak RSS, the mean proxy loss; then the E-PMQ / GPTQ time ratios. Every finished run is also
+appended to ``--json`` at once, so a run cut short keeps what it measured.
+
+    python benchmarks/bench_device.py --preset gpu          # ~1.1B, K = 8, 4-bit g128, CUDA
+    python benchmarks/bench_device.py --preset cpu          # a small model that runs in minutes
+    python benchmarks/bench_device.py --preset gpu --seqs 128 --runs gptq,epmq-quantized
+
+Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads
+    "gpu": dict(
+        hidden=2048, layers=22, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
+        experts=8, seqs=32, tokens=2048, batch=8, dtype="bfloat16", device="cuda",
+    ),
+    "cpu": dict(
+        hidden=256, layers=4, intermediate=768, heads=8, kv_heads=4, vocab=1000,
+        experts=8, seqs=8, tokens=128, batch=4, dtype="float32", device="cpu",
+    ),
+}  # fmt: skip
+RUNS = {
+    "gptq": ("gptq", "quantized"),
+    "epmq-quantized": ("epmq", "quantized"),
+    "epmq-expert": ("epmq", "expert"),
+}
+
+
+def build(args: argparse.Namespace, root: Path) -> tuple[Any, dict[str, Any], list[Path]]:
+    """The merged model (CPU, ``args.dtype``), its state, and the K expert folders."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    config = LlamaConfig(
+        hidden_size=args.hidden, num_hidden_layers=args.layers,
+        intermediate_size=args.intermediate, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=max(2048, args.tokens), torch_dtype=args.dtype,
+    )  # fmt: skip
+    init = "cuda" if torch.cuda.is_available() else "cpu"  # random init is fast on a GPU
+    torch.manual_seed(0)
+    with torch.device(init):
+        base = LlamaForCausalLM(config).to(dtype).eval()
+    state = {n: v.detach() for n, v in base.state_dict().items()}
+    linears = [n for n in state if ".layers." in n and n.endswith("_proj.weight")]
+    gen = torch.Generator(device=init).manual_seed(1)
+    merged = {n: v.float().clone() for n, v in state.items() if n in linears}
+    folders = []
+    for i in range(args.experts):
+        expert = {}
+        for name, value in state.items():
+            if name in linears:
+                out, inp = value.shape
+                u = torch.randn(out, args.rank, generator=gen, device=init)
+                v = torch.randn(args.rank, inp, generator=gen, device=init)
+                delta = (u @ v) * (args.delta * value.float().std() / args.rank**0.5)
+                merged[name] += 0.3 * delta
+                value = (value.float() + delta).to(dtype)
+            expert[name] = value.to("cpu").contiguous()
+        folder = root / f"expert{i}"
+        folder.mkdir()
+        save_file(expert, str(folder / "model.safetensors"))
+        folders.append(folder)
+        del expert
+    merged_state = {n: (merged[n].to(dtype) if n in merged else v).cpu() for n, v in state.items()}
+    model = base.to("cpu")
+    model.load_state_dict(merged_state)
+    del base, merged
+    if init == "cuda":
+        torch.cuda.empty_cache()
+    return model, merged_state, folders
+
+
+def calibration(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """``args.seqs`` random sequences per task, each task drawing from its own token range."""
+    import torch
+
+    gen = torch.Generator().manual_seed(2)
+    width = args.vocab // args.experts
+    calib = {}
+    for t in range(args.experts):
+        batches = []
+        for start in range(0, args.seqs, args.batch):
+            n = min(args.batch, args.seqs - start)
+            ids = torch.randint(t * width, (t + 1) * width, (n, args.tokens), generator=gen)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        calib[f"task{t}"] = batches
+    return calib
+
+
+def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
+    """One block × (K + 2) + the block's activations (every task's inputs and outputs, twice
+    with the expert stream) + the statistics of its widest linear group (S, and B / crosses)."""
+    import torch
+
+    block = model.model.layers[0]
+    block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    tokens = args.experts * args.seqs * args.tokens
+    streams = 2 if x_source == "expert" else 1
+    activations = 2 * streams * tokens * args.hidden * element
+    widest = max(args.hidden, args.intermediate)
+    stats = (2 if x_source == "expert" else 1) * widest * widest * 4 + args.hidden * widest * 4
+    return block_bytes * (args.experts + 2) + activations + stats
+
+
+def run_one(
+    args: argparse.Namespace, name: str, model: Any, state: dict[str, Any], folders: list[Path]
+) -> dict[str, Any]:
+    import torch
+
+    from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.models.llama import LlamaAdapter
+    from epmq.quant import QuantGrid
+
+    method, x_source = RUNS[name]
+    model.load_state_dict(state)  # a fresh copy of the merge
+    calib = calibration(args)
+    experts = [SafetensorsExpert(f, name=f"task{i}") for i, f in enumerate(folders)]
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    stamps: list[float] = []
+    start = time.perf_counter()
+
+    def block_done(stage: str, index: int) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    run = quantize_model(
+        model, LlamaAdapter(), calib, method=method,
+        grid=QuantGrid(bits=4, group_size=128, symmetric=True), experts=experts,
+        alpha=0.1, x_source=x_source, progress=False, on_block_end=block_done,
+        device=args.device,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    per_block = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+    losses = [r.proxy_loss for r in run.layers]
+    row = {
+        "run": name,
+        "method": method,
+        "x_source": x_source,
+        "device": args.device,
+        "wall_s": round(wall, 2),
+        "block_s_median": round(statistics.median(per_block), 3),
+        "block_s_max": round(max(per_block), 3),
+        "solve_s": round(sum(r.seconds for r in run.layers), 2),
+        "mean_proxy_loss": float(sum(losses) / len(losses)),
+        "cpu_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        bound = bound_bytes(args, model, x_source)
+        row.update(
+            gpu_peak_gib=round(peak / 2**30, 2),
+            gpu_bound_gib=round(bound / 2**30, 2),
+            gpu_peak_over_bound=round(peak / bound, 2),
+        )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    for key, value in PRESETS["cpu"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+    parser.add_argument("--rank", type=int, default=16, help="rank of each expert's deltas")
+    parser.add_argument("--delta", type=float, default=0.5, help="delta size × weight std")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs")
+    parser.add_argument("--json", type=Path, default=None, help="append every row here")
+    args = parser.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
+    with tempfile.TemporaryDirectory(prefix="epmq-bench-device-") as tmp:
+        clock = time.perf_counter()
+        model, state, folders = build(args, Path(tmp))
+        params = sum(p.numel() for p in model.parameters())
+        header = {
+            "preset": args.preset,
+            "params_b": round(params / 1e9, 3),
+            "dtype": args.dtype,
+            "experts": args.experts,
+            "tokens_per_task": args.seqs * args.tokens,
+            "build_s": round(time.perf_counter() - clock, 1),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        }
+        print(json.dumps(header), flush=True)
+        rows = []
+        for name in runs:
+            row = run_one(args, name, model, state, folders)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json is not None:
+                with args.json.open("a") as handle:
+                    handle.write(json.dumps({**header, **row}) + "\n")
+    gptq = next((r for r in rows if r["run"] == "gptq"), None)
+    if gptq is not None:
+        for row in rows:
+            if row is not gptq:
+                ratio = row["wall_s"] / gptq["wall_s"]
+                print(f"{row['run']} / gptq wall time: {ratio:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
