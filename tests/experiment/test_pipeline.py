@@ -107,6 +107,42 @@ def test_bfloat16_evaluation_runs_and_is_recorded(cache_dir: Path, tmp_path: Pat
             assert abs(a.accuracy[task] - b.accuracy[task]) <= 0.1, (a.name, task)
 
 
+@pytest.mark.parametrize("model_dtype", ["bfloat16", "float16"])
+def test_half_precision_models_give_the_float32_accuracy(
+    cache_dir: Path, tmp_path: Path, model_dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Base, experts and merges held in half precision (statistics and solves in float32):
+    every row within a few test examples of the float32 run, and the models really held in
+    that dtype when they are evaluated."""
+    import torch
+
+    from epmq.experiment import runner
+
+    seen: list[torch.dtype] = []
+    real = runner._evaluate
+
+    def spy(config, workload, model, heads, tasks):  # type: ignore[no-untyped-def]
+        seen.append(next(model.parameters()).dtype)
+        return real(config, workload, model, heads, tasks)
+
+    monkeypatch.setattr(runner, "_evaluate", spy)
+    plain = {
+        "suite": "tiny",
+        "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+        "quantization": {"methods": ["gptq", "epmq"], "bits": [8], "alpha_sweep": []},
+        "output": {"dir": str(tmp_path / "f32")},
+    }
+    half = {**plain, "model_dtype": model_dtype, "output": {"dir": str(tmp_path / "half")}}
+    f32, _ = run_session(parse_config(plain), quick=True, cache_dir=cache_dir, progress=False)
+    seen.clear()
+    low, _ = run_session(parse_config(half), quick=True, cache_dir=cache_dir, progress=False)
+    assert set(seen) == {getattr(torch, model_dtype)}
+    assert [r.name for r in low.rows] == [r.name for r in f32.rows]
+    for a, b in zip(low.rows, f32.rows, strict=True):
+        for task in a.accuracy:
+            assert abs(a.accuracy[task] - b.accuracy[task]) <= 0.1, (a.name, task)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
 def test_regmean_reduce_ratio_reaches_the_engine(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ratio: float

@@ -104,6 +104,18 @@ def check_group_size(model: Any, adapter: Any, group_size: int) -> int:
     return count
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_dtype(name: str) -> torch.dtype:
+    """``--model-dtype`` as a torch dtype (one line naming the option otherwise)."""
+    import torch
+
+    if name not in MODEL_DTYPES:
+        raise EpmqError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
 def _load(model_dir: Path) -> tuple[Any, Any, str]:
     from transformers.utils import logging as hf_logging
 
@@ -179,6 +191,10 @@ def quantize_command(
     device: Annotated[
         str, typer.Option("--device", help="Where blocks run: auto, cpu, cuda[:N].")
     ] = "auto",
+    model_dtype: Annotated[
+        str,
+        typer.Option("--model-dtype", help="Hold the model in float32, bfloat16 or float16."),
+    ] = "float32",
 ) -> None:
     """Quantize a merged model's linear layers (RTN, GPTQ or E-PMQ) and export --out."""
     from epmq.atomic import refuse_existing
@@ -217,6 +233,7 @@ def quantize_command(
         max_length=max_length, batch_size=batch_size, text_field=text_field,
         tokenizer_dir=tokenizer or model, seed=seed, fmt=fmt, dtype=dtype, force=force,
         resume=resume, progress=progress, device=resolve_device(device),
+        model_dtype=_model_dtype(model_dtype),
     )  # fmt: skip
 
 
@@ -226,7 +243,7 @@ def run_quantize(
     calib_files: dict[str, Path], expert_dirs: dict[str, Path], calib_size: int,
     max_length: int, batch_size: int, text_field: str | None, tokenizer_dir: Path, seed: int,
     fmt: str, dtype: str, force: bool, resume: bool, progress: bool,
-    device: torch.device | None = None,
+    device: torch.device | None = None, model_dtype: torch.dtype | None = None,
 ) -> None:  # fmt: skip
     """Load, calibrate, quantize and export (the options are checked by the command)."""
     import torch
@@ -237,6 +254,8 @@ def run_quantize(
     from epmq.quant import QuantGrid
 
     model, adapter, family = _load(model_dir)
+    if model_dtype is not None:
+        model = model.to(model_dtype)
     n_linears = check_group_size(model, adapter, group_size)
     tok = load_tokenizer(tokenizer_dir)
     batches, calib_info = load_calibration(

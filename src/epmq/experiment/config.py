@@ -173,6 +173,9 @@ class ExperimentConfig(_Strict):
     #: where calibration and evaluation run: auto (a CUDA GPU when present), cpu, cuda[:N];
     #: the models wait in CPU memory and one block at a time is onloaded (calib/onload.py)
     device: str = "auto"
+    #: the dtype base, experts and merges are held and streamed in (statistics and solves stay
+    #: float32; merges are computed in float32 and stored in it)
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     base: BaseModelSpec | None = None
     experts: list[ExpertSpec] = Field(default_factory=list)
     tasks: list[TaskSpec] = Field(default_factory=list)

@@ -68,7 +68,7 @@ def run_experiment(
     results.timings.update(workload.timings)
     started = time.perf_counter()
 
-    base = workload.load_encoder(workload.base_dir).eval()
+    base = _load(config, workload, workload.base_dir)
     if workload.probe_heads:
         _add_row(
             results,
@@ -199,11 +199,16 @@ def _evaluate(
         return workload.evaluate(model, heads, tasks)
 
 
+def _load(config: ExperimentConfig, workload: Workload, folder: Path) -> nn.Module:
+    """The encoder in ``folder``, in eval mode and ``config.model_dtype``."""
+    return workload.load_encoder(folder).to(getattr(torch, config.model_dtype)).eval()
+
+
 def _expert_accuracy(config: ExperimentConfig, workload: Workload) -> dict[str, float]:
     """Each task's expert on its own task."""
     accuracy: dict[str, float] = {}
     for task in workload.tasks:
-        expert = workload.load_encoder(workload.expert_dirs[task]).eval()
+        expert = _load(config, workload, workload.expert_dirs[task])
         accuracy.update(_evaluate(config, workload, expert, workload.heads, [task]))
         del expert
     return accuracy
@@ -279,7 +284,7 @@ def _build_merge(
     from epmq.calib import quantize_model
     from epmq.merging import merge as merge_state_dicts
 
-    experts = {t: workload.load_encoder(d).state_dict() for t, d in workload.expert_dirs.items()}
+    experts = {t: _load(config, workload, d).state_dict() for t, d in workload.expert_dirs.items()}
     # RegMean is data-driven: non-linear parameters are averaged here, then the calibration
     # engine collects per-task Grams block by block and solves RegMean for every linear.
     method, params = ("average", {}) if merge.method == "regmean" else (merge.method, merge.params)
