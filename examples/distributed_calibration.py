@@ -7,7 +7,7 @@ Every rank builds the same small BERT (from a config, seeded), the same K expert
 plus random task vectors) and their average as the merged model; every rank then takes its
 own shard of each task's calibration batches (rank r: batches r, r + R, ...). Inside
 ``quantize_model`` the per-task Gram sums and token counts are all-reduced before each
-solve, rank 0's solutions are broadcast, and each rank propagates its own shard
+solve, the solves are shared out among the ranks and broadcast, and each rank propagates its own shard
 (:mod:`epmq.calib.distributed`). At the end the ranks compare a digest of their weights: they
 hold the same quantized model, equal to one process calibrated on all the batches up to float
 summation order.

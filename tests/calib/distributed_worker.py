@@ -41,7 +41,18 @@ def solved(setup: Setup, calib: dict, method: str, distributed: bool | None) -> 
 
 
 def run_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
-    """One rank: join the gloo group, quantize its shard with every method, save."""
+    """One rank: join the gloo group, quantize its shard with every method, save (with the
+    names of the linears this rank solved itself)."""
+    import epmq.calib.block as block_module
+
+    solves: list[str] = []
+    real = block_module.solve_layer
+
+    def counting(problem, options):  # type: ignore[no-untyped-def]
+        solves.append(problem.name)
+        return real(problem, options)
+
+    block_module.solve_layer = counting
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
@@ -50,7 +61,10 @@ def run_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
         setup = Setup()
         calib = make_calib(n_batches=BATCHES)
         shard = {task: batches[rank::world_size] for task, batches in calib.items()}
-        saved: dict = {method: solved(setup, shard, method, None) for method in METHODS}
+        saved: dict = {}
+        for method in METHODS:
+            solves.clear()
+            saved[method] = {**solved(setup, shard, method, None), "solves": list(solves)}
         try:
             GramReducer().check_same("seed", rank)
         except EpmqError as exc:

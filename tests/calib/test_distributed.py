@@ -44,6 +44,15 @@ def test_two_ranks_equal_one_process_on_the_union(ranks: list[dict], method: str
         torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_solves_are_shared_out_among_ranks(ranks: list[dict], method: str) -> None:
+    """Weight-parallel: each linear is solved by exactly one rank, and both ranks work."""
+    mine = [ranks[r][method]["solves"] for r in range(2)]
+    every = sorted(ranks[0][method]["results"])
+    assert sorted(mine[0] + mine[1]) == every
+    assert abs(len(mine[0]) - len(mine[1])) <= 1
+
+
 def test_ranks_must_agree(ranks: list[dict]) -> None:
     for saved in ranks:
         assert "rank 1's seed differs from rank 0's" in saved["check_same"]

@@ -16,11 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from epmq.calib.capture import BlockCall
-from epmq.calib.distributed import GramReducer
+from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
-from epmq.calib.solve import LayerProblem, SolveOptions, fold_weights, solve_layer
+from epmq.calib.solve import (
+    LayerProblem,
+    LayerSolution,
+    SolveOptions,
+    fold_weights,
+    solve_layer,
+)
 from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
@@ -273,18 +279,21 @@ class BlockJob:
         states: list[dict[str, Tensor]] | None,
         outcome: BlockOutcome,
     ) -> None:
+        """Solve ``names`` and write them into the block. Over several ranks the linears are
+        shared out (weight-parallel: each rank solves its own, then every solution is
+        broadcast from the rank that owns it, :class:`GramReducer`)."""
+        reducer = self.reducer
+        owners = {name: 0 if reducer is None else reducer.owner(name) for name in names}
+        mine = [n for n in names if reducer is None or owners[n] == reducer.rank]
+        solved = {name: self._solve_one(name, stats, states) for name in mine}
         for name in names:
             module = self.block.get_submodule(name)
             full = f"{self.prefix}.{name}"
-            experts = None if states is None else [s[f"{name}.weight"] for s in states]
-            problem = LayerProblem(full, module.weight.detach().float(), None, None, experts)
-            if isinstance(stats, FoldedStatistics):
-                problem.sums = stats.sums(name)
-            elif stats is not None:  # solve_layer folds these itself
-                problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
-            solution = solve_layer(problem, self.options)
-            if self.reducer is not None:
-                self.reducer.share_(solution, full)
+            solution = solved.get(name)
+            if reducer is not None:
+                if solution is None:
+                    solution = placeholder(module.weight, self.options.grid)
+                reducer.share_(solution, full, src=owners[name])
             module.weight.data.copy_(solution.weight.to(module.weight.dtype))
             outcome.weights[full] = module.weight.detach().clone()
             result = solution.result
@@ -310,6 +319,21 @@ class BlockJob:
             )
             record.log()
             outcome.records.append(record)
+
+    def _solve_one(
+        self, name: str, stats: TaskStatistics | None, states: list[dict[str, Tensor]] | None
+    ) -> LayerSolution:
+        """Solve linear ``name`` of the block from its statistics (unchanged block)."""
+        module = self.block.get_submodule(name)
+        experts = None if states is None else [s[f"{name}.weight"] for s in states]
+        problem = LayerProblem(
+            f"{self.prefix}.{name}", module.weight.detach().float(), None, None, experts
+        )
+        if isinstance(stats, FoldedStatistics):
+            problem.sums = stats.sums(name)
+        elif stats is not None:  # solve_layer folds these itself
+            problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
+        return solve_layer(problem, self.options)
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

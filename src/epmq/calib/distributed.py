@@ -7,11 +7,13 @@ the ranks' (with ``X_i = [X_i^(0) … X_i^(R-1)]``, rank r's tokens ``X_i^(r)``)
     Σ_t x_t x_tᵀ = Σ_r X_i^(r) X_i^(r)ᵀ,    n_i = Σ_r n_i^(r),    H_i = (Σ_r X_i^(r) X_i^(r)ᵀ) / n_i
 
 (and likewise for the expert cross term ``C_i``). Before each solve, :class:`GramReducer`
-all-reduces (SUM) the Gram sums, cross sums and token counts, so every rank solves from the
-same ``H_i``; rank 0's solution (weight, codes, scales, zeros, g_idx, figures) is then
-broadcast, so every rank holds bit-identical weights whatever its solver's floating-point
-behaviour. Each rank then propagates its own shard through the solved block. The result
-equals a single-process run on the union of the shards up to float summation order.
+all-reduces (SUM) the Gram sums, cross sums and token counts, so every rank holds the same
+``H_i``. The solves are then shared out (weight-parallel, as llm-compressor does): the linears
+of a block go to the ranks in turn (:meth:`GramReducer.owner`), each rank solves only its own,
+and every solution (weight, codes, scales, zeros, g_idx, figures) is broadcast from the rank
+that solved it, so every rank holds bit-identical weights and N ranks share the solve time.
+Each rank then propagates its own shard through the solved block. The result equals a
+single-process run on the union of the shards up to float summation order.
 
 Without an initialised process group (or with one rank) the reducer does nothing, so the
 engine runs unchanged. Every rank must call the engine with the same model, method, settings
@@ -21,7 +23,6 @@ task; resume checkpoints need one ``checkpoint_dir`` per rank.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -31,9 +32,7 @@ from torch import Tensor
 from epmq.calib.solve import LayerSolution
 from epmq.calib.statistics import TaskStatistics
 from epmq.errors import EpmqError
-from epmq.quant import GramAccumulator
-
-logger = logging.getLogger("epmq.calib")
+from epmq.quant import GramAccumulator, QuantGrid, QuantResult
 
 SOURCE_RANK = 0
 
@@ -62,8 +61,7 @@ class GramReducer:
         self.world_size = dist.get_world_size() if grouped else 1
         #: Whether there is anything to share (a process group of more than one rank).
         self.active = self.world_size > 1
-        #: Solutions of this rank that differed from rank 0's (and were replaced by them).
-        self.mismatches = 0
+        self._turn = 0  # linears handed out so far (the same sequence on every rank)
 
     def check_same(self, what: str, value: Any) -> None:
         """Raise :class:`EpmqError` unless every rank passes an equal ``value``."""
@@ -97,38 +95,63 @@ class GramReducer:
             state["count"] = torch.tensor(count)
             stats.acc[name][task] = GramAccumulator.from_state_dict(state)
 
-    def share_(self, solution: LayerSolution, name: str) -> None:
-        """Overwrite ``solution`` (of linear ``name``) with rank 0's: the weight, the
-        quantization result's codes, scales, zeros and g_idx, and the figures."""
+    def owner(self, name: str) -> int:
+        """The rank that solves the next linear handed out (``name``): the ranks in turn."""
+        rank = self._turn % self.world_size
+        self._turn += 1
+        return rank
+
+    def share_(self, solution: LayerSolution, name: str, src: int = SOURCE_RANK) -> None:
+        """Overwrite ``solution`` (of linear ``name``; a :func:`placeholder` on the other
+        ranks) with rank ``src``'s: the weight, the quantization result's codes, scales, zeros
+        and g_idx, and the figures."""
         if not self.active:
             return
-        local = solution.weight
-        solution.weight = self._broadcast(local.clone())
+        solution.weight = self._broadcast(solution.weight.float(), src)
         result = solution.result
         if result is not None:
             result.weight = solution.weight
             for key in ("codes", "scales", "zeros", "g_idx"):
-                setattr(result, key, self._broadcast(getattr(result, key)))
+                setattr(result, key, self._broadcast(getattr(result, key), src))
         figures = torch.tensor(
-            [solution.proxy_loss, solution.damping, solution.damping_retries], dtype=torch.float64
+            [solution.proxy_loss, solution.damping, solution.damping_retries, solution.seconds],
+            dtype=torch.float64,
+            device=solution.weight.device,
         )
-        self._broadcast(figures)
+        self._broadcast(figures, src)
         solution.proxy_loss, solution.damping = float(figures[0]), float(figures[1])
-        solution.damping_retries = int(figures[2])
+        solution.damping_retries, solution.seconds = int(figures[2]), float(figures[3])
         if result is not None:
             result.proxy_loss, result.damping = solution.proxy_loss, solution.damping
-            result.damping_retries = solution.damping_retries
-        if self.rank != SOURCE_RANK and not torch.equal(local, solution.weight):
-            self.mismatches += 1
-            diff = float((local.float() - solution.weight.float()).abs().max())
-            logger.warning(
-                "rank %d: solved %s differs from rank %d's by up to %.3g; using rank %d's",
-                self.rank, name, SOURCE_RANK, diff, SOURCE_RANK,
-            )  # fmt: skip
+            result.damping_retries, result.seconds = solution.damping_retries, solution.seconds
 
     @staticmethod
-    def _broadcast(tensor: Tensor) -> Tensor:
-        """``tensor`` (made contiguous) overwritten by rank 0's."""
+    def _broadcast(tensor: Tensor, src: int) -> Tensor:
+        """``tensor`` (made contiguous) overwritten by rank ``src``'s."""
         tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=SOURCE_RANK)
+        dist.broadcast(tensor, src=src)
         return tensor
+
+
+def placeholder(weight: Tensor, grid: QuantGrid | None) -> LayerSolution:
+    """An empty solution shaped like a linear's (``weight``) on ``grid``: what a rank that
+    does not own the linear receives the owner's solution into (:meth:`GramReducer.share_`).
+    Solvers return float32 weights and a quantization result exactly when they round."""
+    rows, cols = weight.shape
+    empty = torch.empty(rows, cols, dtype=torch.float32, device=weight.device)
+    result = None
+    if grid is not None:
+        groups = grid.n_groups(cols)
+        result = QuantResult(
+            weight=empty,
+            codes=torch.empty(rows, cols, dtype=grid.codes_dtype(), device=weight.device),
+            scales=torch.empty(rows, groups, dtype=torch.float32, device=weight.device),
+            zeros=torch.empty(rows, groups, dtype=torch.float32, device=weight.device),
+            g_idx=torch.empty(cols, dtype=torch.int32, device=weight.device),
+            grid=grid,
+            proxy_loss=float("nan"),
+            damping=0.0,
+            damping_retries=0,
+            seconds=0.0,
+        )
+    return LayerSolution(empty, result, float("nan"), 0.0, 0, 0.0)
