@@ -278,3 +278,41 @@ def test_missing_flags_and_existing_output(
     assert "already exists; pass --force" in capsys.readouterr().err
     assert _run([*argv, "--force"], monkeypatch) == 0
     assert (out / "model.safetensors").is_file()
+
+
+def test_torchrun_two_ranks_equal_one_process(data: dict[str, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m epmq quantize`` (gloo, each rank a shard of every
+    task's batches, the solves shared out): the same checkpoint as one process, up to float
+    summation order (integer codes equal, scales within float32 rounding)."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    args = ["quantize", "--model", str(data["llama"]), "--method", "gptq", "--bits", "4",
+            "--group-size", "32", "--dtype", "float32", "--device", "cpu", "--batch-size", "2",
+            *_calib_args(data), *SMALL]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "epmq", *args, "--out", str(tmp_path / "one")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch += ["--nproc-per-node", "2"]
+    two = subprocess.run(
+        [*launch, "-m", "epmq", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert "on 2 ranks" in two.stdout
+    want = load_file(str(tmp_path / "one" / "model.safetensors"))
+    got = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    packed = [k for k in want if not want[k].is_floating_point()]
+    assert any(k.endswith("weight_packed") for k in packed)
+    for key, value in want.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(got[key], value), key

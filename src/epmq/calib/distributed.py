@@ -23,6 +23,9 @@ task; resume checkpoints need one ``checkpoint_dir`` per rank.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -155,3 +158,36 @@ def placeholder(weight: Tensor, grid: QuantGrid | None) -> LayerSolution:
             seconds=0.0,
         )
     return LayerSolution(empty, result, float("nan"), 0.0, 0, 0.0)
+
+
+@contextlib.contextmanager
+def launched_group(device: torch.device | None) -> Iterator[tuple[int, int]]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join the default process
+    group for the command's lifetime: NCCL when the blocks run on CUDA (each rank on GPU
+    ``LOCAL_RANK``), gloo otherwise. Yields ``(rank, world size)``; ``(0, 1)`` in a plain
+    process, or when the caller already initialised a group (it is then used, not closed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or group_ready():
+        yield (dist.get_rank(), dist.get_world_size()) if group_ready() else (0, 1)
+        return
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(batches: dict[str, list[Any]], rank: int, world_size: int) -> dict[str, list[Any]]:
+    """Rank ``rank``'s share of every task's batches (batches r, r + R, ...); every rank
+    needs at least one batch of every task."""
+    short = [task for task, items in batches.items() if len(items) < world_size]
+    if short:
+        raise EpmqError(
+            f"task {short[0]!r} has {len(batches[short[0]])} calibration batches for "
+            f"{world_size} ranks; give each rank at least one (more examples or a smaller batch)"
+        )
+    return {task: items[rank::world_size] for task, items in batches.items()}

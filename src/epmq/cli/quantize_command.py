@@ -249,6 +249,7 @@ def run_quantize(
     import torch
 
     from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.calib.distributed import launched_group, shard
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
     from epmq.export import export_checkpoint
     from epmq.quant import QuantGrid
@@ -263,34 +264,44 @@ def run_quantize(
         seed=seed, field=text_field, input_names=model_input_names(model),
     )  # fmt: skip
     experts = {t: SafetensorsExpert(d, name=t) for t, d in expert_dirs.items()} or None
-    checkpoint = resume_dir(out) if resume else None
-    typer.echo(f"quantizing {n_linears} linear layers of {model_dir} ({family}) with {method}")
-    run = quantize_model(
-        model, adapter, batches, method=method,
-        grid=QuantGrid(bits, group_size, symmetric), experts=experts, alpha=alpha,
-        x_source=x_source, target=target, act_order=act_order, static_groups=static_groups,
-        checkpoint_dir=checkpoint, progress=progress, device=device,
-    )  # fmt: skip
-    record = {
-        "command": "quantize",
-        "model": str(model_dir),
-        "family": family,
-        "method": method,
-        "settings": run.settings,
-        "calibration": {
-            "seed": seed,
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "tasks": calib_info,
-        },
-        "experts": {t: str(d) for t, d in expert_dirs.items()},
-        "seconds": run.seconds,
-        "resumed_blocks": run.resumed_blocks,
-        "layers": [layer.to_dict() for layer in run.layers],
-    }
-    export_checkpoint(
-        model, run.results, out, format=fmt, base_dir=tokenizer_dir, record=record,
-        force=force, dtype=getattr(torch, dtype),
-    )  # fmt: skip
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    with launched_group(device) as (rank, world):  # under torchrun: one shard per rank
+        checkpoint = resume_dir(out) if resume else None
+        if world > 1:
+            batches = shard(batches, rank, world)
+            checkpoint = None if checkpoint is None else checkpoint / f"rank{rank}"
+        if rank == 0:
+            typer.echo(
+                f"quantizing {n_linears} linear layers of {model_dir} ({family}) with {method}"
+                + (f" on {world} ranks" if world > 1 else "")
+            )
+        run = quantize_model(
+            model, adapter, batches, method=method,
+            grid=QuantGrid(bits, group_size, symmetric), experts=experts, alpha=alpha,
+            x_source=x_source, target=target, act_order=act_order, static_groups=static_groups,
+            checkpoint_dir=checkpoint, progress=progress and rank == 0, device=device,
+        )  # fmt: skip
+        if rank != 0:  # every rank holds the same solved model: rank 0 exports it
+            return
+        record = {
+            "command": "quantize",
+            "model": str(model_dir),
+            "family": family,
+            "method": method,
+            "settings": run.settings,
+            "calibration": {
+                "seed": seed,
+                "max_length": max_length,
+                "batch_size": batch_size,
+                "tasks": calib_info,
+            },
+            "experts": {t: str(d) for t, d in expert_dirs.items()},
+            "seconds": run.seconds,
+            "resumed_blocks": run.resumed_blocks,
+            "layers": [layer.to_dict() for layer in run.layers],
+        }
+        export_checkpoint(
+            model, run.results, out, format=fmt, base_dir=tokenizer_dir, record=record,
+            force=force, dtype=getattr(torch, dtype),
+        )  # fmt: skip
+        if resume:
+            shutil.rmtree(resume_dir(out), ignore_errors=True)
