@@ -1,0 +1,123 @@
+"""Benchmark distributed calibration: one process against ``torchrun`` ranks, same CPU budget.
+
+The pool of :mod:`bench_device` (a Llama-style model, K experts from random low-rank deltas,
+saved under a temporary folder) is calibrated by child processes: once by one process with
+``--threads`` threads, then by ``torchrun --nproc-per-node N`` ranks with ``threads / N``
+threads each (gloo; each rank calibrates its shard of every task's batches, the statistics are
+all-reduced and the solves shared out). Printed per method: wall time of ``quantize_model``
+in each setting, the speedup, and how many integer codes agree with the one-process run
+(the ranks sum the statistics in another order, so a few codes on a rounding tie may flip).
+
+    python benchmarks/bench_distributed.py                       # 2 ranks vs 1, 2 threads
+    python benchmarks/bench_distributed.py --ranks 4 --threads 4 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_device import PRESETS, RUNS, build, calibration
+
+
+def child(args: argparse.Namespace) -> None:
+    """One process (or rank): load the merge, calibrate its shard, save codes, print time."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.calib.distributed import launched_group, shard
+    from epmq.models.llama import LlamaAdapter
+    from epmq.quant import QuantGrid
+
+    torch.set_num_threads(args.child_threads)
+    root = Path(args.child_root)
+    model = LlamaForCausalLM.from_pretrained(root / "merged", local_files_only=True).eval()
+    experts = [SafetensorsExpert(root / f"expert{i}", name=f"task{i}") for i in range(args.experts)]
+    method, x_source = RUNS[args.child_run]
+    with launched_group(None) as (rank, world):
+        calib = shard(calibration(args), rank, world)
+        start = time.perf_counter()
+        run = quantize_model(
+            model, LlamaAdapter(), calib, method=method,
+            grid=QuantGrid(bits=4, group_size=128, symmetric=True), experts=experts,
+            alpha=0.1, x_source=x_source, progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            codes = {name: r.codes for name, r in run.results.items()}
+            torch.save(codes, root / f"codes-{args.child_run}-{world}.pt")
+            loss = sum(r.proxy_loss for r in run.layers) / len(run.layers)
+            row = {"run": args.child_run, "ranks": world, "seconds": seconds, "loss": loss}
+            print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads in all")
+    parser.add_argument("--runs", default="gptq,epmq-quantized")
+    for key, value in PRESETS["cpu"].items():
+        if key not in ("device", "dtype"):
+            parser.add_argument(f"--{key}", type=type(value), default=value)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--delta", type=float, default=0.5)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-root", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype, args.device = "float32", "cpu"
+    if args.child:
+        child(args)
+        return
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="epmq-bench-dist-") as tmp:
+        root = Path(tmp)
+        model, _, _ = build(args, root)
+        model.save_pretrained(root / "merged")
+        del model
+        script = str(Path(__file__).resolve())
+        keys = [k for k in PRESETS["cpu"] if k not in ("device", "dtype")]
+        shared = [f"--{k}={getattr(args, k)}" for k in keys]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
+            figures = {}
+            for ranks in (1, args.ranks):
+                common = [*shared, "--child", f"--child-root={root}", f"--child-run={run}"]
+                common.append(f"--child-threads={max(1, args.threads // ranks)}")
+                launch = [sys.executable]
+                if ranks > 1:
+                    launch += ["-m", "torch.distributed.run", "--standalone"]
+                    launch += [f"--nproc-per-node={ranks}"]
+                out = subprocess.run(
+                    [*launch, script, *common], capture_output=True, text=True, env=env
+                )
+                if out.returncode != 0:
+                    raise SystemExit(out.stderr[-4000:])
+                figures[ranks] = json.loads(out.stdout.strip().splitlines()[-1])
+            one = torch.load(root / f"codes-{run}-1.pt")
+            many = torch.load(root / f"codes-{run}-{args.ranks}.pt")
+            agree = sum(int((one[n] == many[n]).sum()) for n in one)
+            total = sum(one[n].numel() for n in one)
+            single, ranked = figures[1], figures[args.ranks]
+            print(
+                f"{run}: 1 process x {args.threads} threads {single['seconds']:.1f} s, "
+                f"{args.ranks} ranks x {max(1, args.threads // args.ranks)} threads "
+                f"{ranked['seconds']:.1f} s, speedup {single['seconds'] / ranked['seconds']:.2f}x; "
+                f"codes equal {100 * agree / total:.2f} %, mean proxy loss "
+                f"{single['loss']:.4g} / {ranked['loss']:.4g}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
