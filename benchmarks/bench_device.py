@@ -7,7 +7,9 @@ run quantizes a fresh copy of the merge with ``quantize_model(..., device=--devi
 blocks are onloaded one at a time, activations and statistics live on the device. Printed per
 run: wall time, seconds per block (median, max), GPU peak memory (``max_memory_allocated``)
 against the bound "one block × (K + 2) + the block's activations + its statistics", the CPU
-peak RSS, the mean proxy loss; then the E-PMQ / GPTQ time ratios. Every finished run is also
+peak RSS of the run (``VmHWM`` reset before it) and, on the CPU, what calibration held (the
+model plus the growth of RSS during the run) against the same bound plus the model; the mean
+proxy loss; then the E-PMQ / GPTQ time ratios. Every finished run is also
 appended to ``--json`` at once, so a run cut short keeps what it measured.
 
     python benchmarks/bench_device.py --preset gpu          # ~1.1B, K = 8, 4-bit g128, CUDA
@@ -20,6 +22,7 @@ Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -27,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_calibration import reset_peak_rss, status_bytes
 
 PRESETS: dict[str, dict[str, Any]] = {
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads
@@ -111,8 +116,9 @@ def calibration(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
-    """One block × (K + 2) + the block's activations (every task's inputs and outputs, twice
-    with the expert stream) + the statistics of its widest linear group (S, and B / crosses)."""
+    """The device's share of the issue's bound: one block × (K + 2) + the block's activations
+    (every task's inputs and outputs, twice with the expert stream) + the statistics of its
+    widest linear group (S, and B / crosses). On the CPU the model itself is added."""
     import torch
 
     block = model.model.layers[0]
@@ -140,6 +146,9 @@ def run_one(
     calib = calibration(args)
     experts = [SafetensorsExpert(f, name=f"task{i}") for i, f in enumerate(folders)]
     cuda = args.device.startswith("cuda")
+    gc.collect()
+    rss_start = status_bytes("VmRSS")
+    reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -171,8 +180,23 @@ def run_one(
         "block_s_max": round(max(per_block), 3),
         "solve_s": round(sum(r.seconds for r in run.layers), 2),
         "mean_proxy_loss": float(sum(losses) / len(losses)),
-        "cpu_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
+    peak_rss = status_bytes("VmHWM") if reset else None  # else: the process's whole life
+    if peak_rss is None:
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["cpu_rss_start_gib"] = None if rss_start is None else round(rss_start / 2**30, 2)
+    row["cpu_peak_rss_gib"] = round(peak_rss / 2**30, 2)
+    if not cuda and rss_start is not None:
+        # what calibration holds: the model plus the growth above the start (libraries, the
+        # calibration data and the build's leftovers are not counted)
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        held = peak_rss - rss_start + model_bytes
+        bound = model_bytes + bound_bytes(args, model, x_source)
+        row.update(
+            cpu_held_gib=round(held / 2**30, 2),
+            cpu_bound_gib=round(bound / 2**30, 2),
+            cpu_held_over_bound=round(held / bound, 2),
+        )
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         bound = bound_bytes(args, model, x_source)
