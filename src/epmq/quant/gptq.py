@@ -178,11 +178,13 @@ def _quantize_columns(
     cols, rows = Wt.shape
     codes_t = torch.empty_like(Wt)
     err_sq = torch.zeros((), dtype=torch.float64, device=Wt.device)
-    Err = torch.empty(block_size, rows, dtype=Wt.dtype, device=Wt.device)  # err_j, row j - i1
+    # Inside a block, once column j is rounded its row Wt[j] holds err_j (what the updates
+    # read) and q_j waits in Q[j - i1] until the block is done.
+    Q = torch.empty(block_size, rows, dtype=Wt.dtype, device=Wt.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         if col_group is not None:  # this block's columns' scales, gathered on the device
-            S1, Z1 = scales_t[col_group[i1:i2]], zeros_t[col_group[i1:i2]]
+            S1, Z1 = (t.index_select(0, col_group[i1:i2]) for t in (scales_t, zeros_t))
         with _one_thread(Wt.device):  # tiny per-column ops: thread hand-offs cost more
             for s1 in range(i1, i2, sub_block):
                 s2 = min(s1 + sub_block, i2)
@@ -193,17 +195,16 @@ def _quantize_columns(
                         s, z = scales_t[j // gs], zeros_t[j // gs]
                     else:
                         s, z = S1[j - i1], Z1[j - i1]
-                    w, err = Wt[j], Err[j - i1]
-                    codes_t[j] = grid.quantize(w, s, z)
-                    q = grid.dequantize(codes_t[j], s, z)
-                    torch.sub(w, q, out=err).div_(U[j, j])  # err_j = (w_j - q_j) / U[j, j]
-                    w.copy_(q)  # column j is done: keep q_j in its place
+                    w = Wt[j]
+                    c = grid.quantize(w, s, z, out=codes_t[j])
+                    q = grid.dequantize(c, s, z, out=Q[j - i1])
+                    err = w.sub_(q).div_(U[j, j])  # err_j = (w_j - q_j) / U[j, j], in place
                     Wt[j + 1 : s2].addr_(U[j, j + 1 : s2], err, alpha=-1.0)  # w_k -= U[j,k] err_j
                 # the rest of the block absorbs the sub-block's errors: W -= Err U, transposed
-                E = Err[s1 - i1 : s2 - i1]
-                Wt[s2:i2].addmm_(U[s1:s2, s2:i2].T, E, alpha=-1.0)
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err[: i2 - i1], alpha=-1.0)  # the later blocks
-        err_sq += _sum_sq(Err[: i2 - i1])
+                Wt[s2:i2].addmm_(U[s1:s2, s2:i2].T, Wt[s1:s2], alpha=-1.0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Wt[i1:i2], alpha=-1.0)  # the later blocks
+        err_sq += _sum_sq(Wt[i1:i2])
+        Wt[i1:i2] = Q[: i2 - i1]
     return codes_t, err_sq
 
 
