@@ -21,8 +21,12 @@ def working_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def check_finite(t: Tensor, name: str) -> None:
-    """Raise if ``t`` holds NaN or Inf, saying which (one pass over ``t`` when it is finite)."""
-    if bool(torch.isfinite(t).all()):
+    """Raise if ``t`` holds NaN or Inf, saying which (one pass over ``t`` when it is finite).
+
+    A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one reduction, no
+    temporary) clears ``t``; only a sum that overflowed on finite values needs a second look.
+    """
+    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
         return
     raise EpmqError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'}")
 

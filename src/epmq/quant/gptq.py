@@ -6,13 +6,22 @@ rounding column j, the remaining columns absorb its error so the layer output st
     err_j   = (w_j - q_j) / U[j, j]              U: upper Cholesky factor of H^-1
     w_{k>j} -= err_j * U[j, k]                   (optimal update of the not-yet-rounded columns)
 
-Updates are applied lazily: inside a block of ``block_size`` columns column by column, to the
-columns after the block in one matmul ``W[:, i2:] -= Err @ U[i1:i2, i2:]``. The result is the
-same as the column-by-column algorithm; the matmul just makes it fast.
+The updates are applied lazily, at two levels, with the same result as column by column:
+inside a sub-block of ``SUB_BLOCK`` columns one rank-1 update per column, to the rest of the
+block in one matmul per sub-block, to the columns after the block (``block_size``) in one
+matmul per block: ``W[:, i2:] -= Err @ U[i1:i2, i2:]``.
+
+Layout: the solver works on ``W^T`` [in, out], so column j of W is the contiguous row
+``Wt[j]``; every per-column operation reads and writes contiguous memory.
+
+Devices: everything lives on the weight's device, and the column loop never reads a tensor
+value on the host (no ``.item()``, no branch on values), so a CUDA weight is solved without
+host synchronisation; only input checks and the damping retries look at values, once a layer.
 
 Deviation from the reference, on purpose: with groups, a group's scale/zero is fitted when
-the solver enters it, on the columns *fully* updated by all earlier errors (the block size is
-aligned to the group size so this is always true; the reference reads partly stale columns).
+the solver enters it, on the columns *fully* updated by all earlier errors (block and
+sub-block sizes are aligned to the group size so this is always true; the reference reads
+partly stale columns).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from epmq.quant.result import QuantResult, build_result
 logger = logging.getLogger(__name__)
 
 SYMMETRY_RTOL = 1e-3
+SUB_BLOCK = 32  # columns per rank-1-update sub-block (speed only, not the result)
 
 
 def gptq(
@@ -50,8 +60,10 @@ def gptq(
     """Quantize ``weight`` [out, in] to ``grid`` minimising the proxy loss under ``hessian``.
 
     Args:
-        weight: target weights, any float dtype (float64 input keeps the solve in float64).
-        hessian: [in, in] symmetric PSD, e.g. ``X X^T / n`` of the layer inputs.
+        weight: target weights, any float dtype (float64 input keeps the solve in float64),
+            on any device; the solve and the result stay on that device.
+        hessian: [in, in] symmetric PSD, e.g. ``X X^T / n`` of the layer inputs (moved to the
+            weight's device if it is elsewhere).
         grid: bits, group size, symmetric or not.
         block_size: columns per lazy-update block (speed only, not the result).
         percdamp: damping ``percdamp * mean(diag H)`` added to the diagonal of H.
@@ -72,36 +84,38 @@ def gptq(
     n_groups = grid.n_groups(cols)
     gs = cols if grid.group_size == -1 else grid.group_size
 
-    W, H = w_target.clone(), h_target.clone()
     # Dead inputs (never active): their weights are irrelevant; zero them, make H invertible.
-    dead = (torch.diagonal(H) == 0).nonzero().flatten()
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    H = h_target.clone()
+    dead = torch.diagonal(H) == 0
+    H.diagonal().masked_fill_(dead, 1.0)
+    W = w_target.masked_fill(dead, 0.0)
 
-    scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
-    zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
     fixed = static_groups or grid.group_size == -1  # groups fitted once, on the original W
-    if fixed:
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = grid.fit(W[:, g * gs : (g + 1) * gs])
+    if fixed:  # all groups at once: row r of group g is row r * n_groups + g of the reshape
+        scales, zeros = (t.view(rows, n_groups) for t in grid.fit(W.reshape(-1, gs)))
+    else:
+        scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
+        zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
 
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
     U, damping, retries = _inverse_cholesky_upper(H, percdamp, max_damping_retries)
+    lam = damping * torch.diagonal(H).mean()  # the damping added to H's diagonal
     del H
 
-    codes = torch.empty_like(W)  # float-valued integer codes, in processing order
-    bs = block_size if fixed else _aligned_block(block_size, gs)
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty(rows, i2 - i1, dtype=dtype, device=dev)
-        U1 = U[i1:i2, i1:i2]
-        with _one_thread():  # tiny per-column ops: thread hand-offs cost more than they save
-            _quantize_block(W, W1, Err1, U1, codes, scales, zeros, grid, i1, gs, fixed, perm)
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy update of later columns
+    # Group of the column processed j-th: j // gs, unless fixed groups are visited permuted.
+    col_group = perm // gs if fixed and perm is not None else None
+    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()  # [n_groups, out]
+    Wt = W.T.contiguous()  # [in, out]; W is not used again
+    del W
+    codes_t, err_sq = _quantize_columns(
+        Wt, U, grid, scales_t, zeros_t, gs, fit_groups=not fixed, col_group=col_group,
+        block_size=block_size if fixed else _aligned_block(block_size, gs),
+        sub_block=SUB_BLOCK if fixed else _aligned_block(min(SUB_BLOCK, block_size), gs),
+    )  # fmt: skip
+    del U
 
     if fixed:
         g_idx = torch.arange(cols, device=dev) // gs
@@ -110,51 +124,95 @@ def gptq(
         order = perm if perm is not None else torch.arange(cols, device=dev)
         g_idx[order] = torch.arange(cols, device=dev) // gs  # column perm[j] is in group j // gs
     if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+        inverse = torch.argsort(perm)
+        codes_t, Wt = codes_t[inverse], Wt[inverse]
+    q = Wt.T.contiguous()  # the loop left q_j in Wt[j]
+    loss = None  # exact, by one matmul, where damping had to be raised (see _loss_from_errors)
+    if retries == 0:
+        loss = _loss_from_errors(err_sq, lam, q, w_target, dead)
     return build_result(
-        codes, scales, zeros, g_idx, grid, target=w_target, hessian=h_target,
-        damping=damping, damping_retries=retries, start=start,
+        codes_t.T.contiguous(), scales_t.T.contiguous(), zeros_t.T.contiguous(), g_idx, grid,
+        target=w_target, hessian=h_target, damping=damping, damping_retries=retries,
+        start=start, weight=q, loss=loss,
     )  # fmt: skip
 
 
-def _quantize_block(
-    W: Tensor,
-    W1: Tensor,
-    Err1: Tensor,
-    U1: Tensor,
-    codes: Tensor,
-    scales: Tensor,
-    zeros: Tensor,
+def _loss_from_errors(err_sq: Tensor, lam: Tensor, q: Tensor, w: Tensor, dead: Tensor) -> float:
+    """``tr[(Q - W) H (Q - W)^T]`` from the errors the loop saw, without an [in, in] matmul.
+
+    With D = Q - W (dead columns left out: H is zero there and the solver keeps q = 0) and
+    the damped ``H_d = H + lam I``: W - Q = Err U and ``H_d^-1 = U^T U``, so
+    ``tr(D H_d D^T) = ||Err||^2`` and ``tr(D H D^T) = ||Err||^2 - lam ||D||^2``. The two
+    terms are close only when the damping dominates H, which is why a raised damping falls
+    back to the matmul.
+    """
+    d = (q - w).masked_fill_(dead, 0.0)
+    return float(err_sq - lam.double() * _sum_sq(d))
+
+
+def _sum_sq(t: Tensor) -> Tensor:
+    """Sum of squares of a 2-D tensor, accumulated over its rows in float64."""
+    return torch.linalg.vector_norm(t, dim=1).double().square().sum()
+
+
+def _quantize_columns(
+    Wt: Tensor,
+    U: Tensor,
     grid: QuantGrid,
-    i1: int,
+    scales_t: Tensor,
+    zeros_t: Tensor,
     gs: int,
-    fixed: bool,
-    perm: Tensor | None,
-) -> None:
-    """Round the block's columns one by one, feeding each column's error to the rest."""
-    for i in range(W1.shape[1]):
-        j = i1 + i  # position in processing order
-        if fixed:
-            g = (int(perm[j]) if perm is not None else j) // gs
-        else:
-            g = j // gs
-            if j % gs == 0:  # entering a new group: fit it on the error-updated columns
-                cols_g = W1[:, i : i + gs] if i + gs <= W1.shape[1] else W[:, j : j + gs]
-                scales[:, g], zeros[:, g] = grid.fit(cols_g)
-        w = W1[:, i]
-        c = grid.quantize(w, scales[:, g], zeros[:, g])
-        q = grid.dequantize(c, scales[:, g], zeros[:, g])
-        codes[:, j] = c
-        err = (w - q) / U1[i, i]
-        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # w_k -= err * U[j, k], k >= j
-        Err1[:, i] = err
+    *,
+    fit_groups: bool,
+    col_group: Tensor | None,
+    block_size: int,
+    sub_block: int,
+) -> tuple[Tensor, Tensor]:
+    """The column loop on ``Wt`` [in, out]; returns the codes (transposed) and ``||Err||^2``.
+
+    On return ``Wt[j]`` holds the dequantized column q_j. With ``fit_groups`` the group
+    starting at column j is fitted into ``scales_t[j // gs]`` when the loop reaches it;
+    otherwise column j uses group ``col_group[j]`` (or ``j // gs``). Never reads a tensor
+    value on the host.
+    """
+    cols, rows = Wt.shape
+    codes_t = torch.empty_like(Wt)
+    err_sq = torch.zeros((), dtype=torch.float64, device=Wt.device)
+    # Inside a block, once column j is rounded its row Wt[j] holds err_j (what the updates
+    # read) and q_j waits in Q[j - i1] until the block is done.
+    Q = torch.empty(block_size, rows, dtype=Wt.dtype, device=Wt.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        if col_group is not None:  # this block's columns' scales, gathered on the device
+            S1, Z1 = (t.index_select(0, col_group[i1:i2]) for t in (scales_t, zeros_t))
+        with _one_thread(Wt.device):  # tiny per-column ops: thread hand-offs cost more
+            for s1 in range(i1, i2, sub_block):
+                s2 = min(s1 + sub_block, i2)
+                for j in range(s1, s2):
+                    if fit_groups and j % gs == 0:  # entering a group: every earlier error is in
+                        scales_t[j // gs], zeros_t[j // gs] = grid.fit(Wt[j : j + gs].T)
+                    if col_group is None:
+                        s, z = scales_t[j // gs], zeros_t[j // gs]
+                    else:
+                        s, z = S1[j - i1], Z1[j - i1]
+                    w = Wt[j]
+                    c = grid.quantize(w, s, z, out=codes_t[j])
+                    q = grid.dequantize(c, s, z, out=Q[j - i1])
+                    err = w.sub_(q).div_(U[j, j])  # err_j = (w_j - q_j) / U[j, j], in place
+                    Wt[j + 1 : s2].addr_(U[j, j + 1 : s2], err, alpha=-1.0)  # w_k -= U[j,k] err_j
+                # the rest of the block absorbs the sub-block's errors: W -= Err U, transposed
+                Wt[s2:i2].addmm_(U[s1:s2, s2:i2].T, Wt[s1:s2], alpha=-1.0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Wt[i1:i2], alpha=-1.0)  # the later blocks
+        err_sq += _sum_sq(Wt[i1:i2])
+        Wt[i1:i2] = Q[: i2 - i1]
+    return codes_t, err_sq
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the enclosed small-tensor loop on one intra-op thread, then restore the setting."""
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """On CPU, run the enclosed small-tensor loop on one intra-op thread, then restore."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if device.type != "cpu" or threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -173,9 +231,14 @@ def _check_options(h: Tensor, block_size: int, percdamp: float, max_retries: int
         raise EpmqError(f"gptq: max_damping_retries must be an int >= 0, got {max_retries!r}")
     if bool((torch.diagonal(h) < 0).any()):
         raise EpmqError("hessian has negative diagonal entries (not a Gram matrix)")
-    scale = float(h.abs().max())
-    if float((h - h.T).abs().max()) > SYMMETRY_RTOL * scale:
+    if bool(_max_abs(h - h.T) > SYMMETRY_RTOL * _max_abs(h)):
         raise EpmqError("hessian is not symmetric")
+
+
+def _max_abs(t: Tensor) -> Tensor:
+    """``max |t|`` in one pass, without the copy that ``t.abs()`` makes."""
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(-lo, hi)
 
 
 def _aligned_block(block_size: int, group_size: int) -> int:
@@ -195,18 +258,21 @@ def _inverse_cholesky_upper(
 
     ``damp = percdamp * mean(diag H)``; on a non-positive-definite matrix ``percdamp`` is
     multiplied by 10 (0.01 if it was 0) up to ``max_retries`` times.
+
+    With J the reversal permutation and ``J H J = L L^T`` (Cholesky of H reversed),
+    ``H^-1 = J L^-T L^-1 J = U^T U`` with ``U = J L^-1 J`` upper triangular (positive
+    diagonal): one Cholesky and one triangular inverse, instead of the reference's Cholesky,
+    inverse from it, and a second Cholesky.
     """
     mean_diag = float(torch.diagonal(h).mean())
     damp = percdamp
     for attempt in range(max_retries + 1):
-        hd = h.clone()
+        hd = h.flip(0, 1)
         hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            with _one_thread():  # LAPACK potri is ~10x slower multi-threaded on CPU
-                h_inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(h_inv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            U = _lower_inverse(L).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
                 if attempt:
                     logger.warning(
                         "hessian not positive definite with percdamp=%g; succeeded with "
@@ -221,3 +287,24 @@ def _inverse_cholesky_upper(
         f"hessian is not positive definite even with percdamp={damp / 10:g} "
         f"after {max_retries} retries"
     )
+
+
+def _lower_inverse(L: Tensor, leaf: int = 256) -> Tensor:
+    """Inverse of a lower-triangular matrix, by halves so that the work is in matmuls.
+
+    ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``.
+    """
+    out = torch.zeros_like(L)
+
+    def fill(a: int, b: int) -> None:  # out[a:b, a:b] = L[a:b, a:b]^-1
+        if b - a <= leaf:
+            eye = torch.eye(b - a, dtype=L.dtype, device=L.device)
+            out[a:b, a:b] = torch.linalg.solve_triangular(L[a:b, a:b], eye, upper=False)
+            return
+        k = (a + b) // 2
+        fill(a, k)
+        fill(k, b)
+        out[k:b, a:k] = -(out[k:b, k:b] @ (L[k:b, a:k] @ out[a:k, a:k]))
+
+    fill(0, L.shape[0])
+    return out

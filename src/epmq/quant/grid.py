@@ -62,8 +62,8 @@ class QuantGrid:
         """
         w = w.reshape(w.shape[0], -1)
         zeros = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        xmin = torch.minimum(w.min(dim=1).values, zeros)
-        xmax = torch.maximum(w.max(dim=1).values, zeros)
+        xmin = torch.minimum(w.amin(dim=1), zeros)
+        xmax = torch.maximum(w.amax(dim=1), zeros)
         if self.symmetric:
             xmax = torch.maximum(xmin.abs(), xmax)
             xmin = -xmax
@@ -77,18 +77,23 @@ class QuantGrid:
             zero = torch.round(-xmin / scale)
         return scale, zero
 
-    def quantize(self, w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    def quantize(
+        self, w: Tensor, scale: Tensor, zero: Tensor, *, out: Tensor | None = None
+    ) -> Tensor:
         """Integer codes (as floats of ``w``'s dtype) ``clamp(round(w/scale) + zero, 0, maxq)``.
 
-        ``scale``/``zero`` of shape [out] broadcast over the columns of a 2-D ``w``.
+        ``scale``/``zero`` of shape [out] broadcast over the columns of a 2-D ``w``. With
+        ``out`` the codes are written there (no allocation; a solver's inner loop).
         """
         scale, zero = _columnar(scale, w), _columnar(zero, w)
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        return torch.div(w, scale, out=out).round_().add_(zero).clamp_(0, self.maxq)
 
-    def dequantize(self, codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-        """``scale * (codes - zero)``, broadcast as in :meth:`quantize`."""
+    def dequantize(
+        self, codes: Tensor, scale: Tensor, zero: Tensor, *, out: Tensor | None = None
+    ) -> Tensor:
+        """``scale * (codes - zero)``, broadcast as in :meth:`quantize` (into ``out`` if given)."""
         scale, zero = _columnar(scale, codes), _columnar(zero, codes)
-        return scale * (codes.to(scale.dtype) - zero)
+        return torch.sub(codes.to(scale.dtype), zero, out=out).mul_(scale)
 
     def codes_dtype(self) -> torch.dtype:
         """Storage dtype of integer codes: uint8 up to 8 bits, int32 above."""

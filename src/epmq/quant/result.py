@@ -61,15 +61,21 @@ def build_result(
     damping: float,
     damping_retries: int,
     start: float,
+    weight: Tensor | None = None,
+    loss: float | None = None,
 ) -> QuantResult:
     """Assemble a solver's :class:`QuantResult` from float-valued codes and their grid.
 
     The weight is dequantized from the codes (so it equals :meth:`QuantResult.dequantize`),
-    the proxy loss is taken against ``target`` and ``hessian`` (``nan`` without one) and
-    ``seconds`` counts from ``start`` (a ``time.perf_counter()`` reading).
+    unless the solver passes ``weight``, computed with the same per-element formula (bit for
+    bit the same). The proxy loss is taken against ``target`` and ``hessian`` (``nan``
+    without one) unless the solver passes ``loss``; ``seconds`` counts from ``start`` (a
+    ``time.perf_counter()`` reading).
     """
     g_idx = g_idx.to(torch.int32)
-    q = dequantize_codes(codes, scales, zeros, g_idx)
+    q = dequantize_codes(codes, scales, zeros, g_idx) if weight is None else weight
+    if loss is None:
+        loss = float("nan") if hessian is None else proxy_loss(q, target, hessian)
     return QuantResult(
         weight=q,
         codes=to_codes(codes, grid),
@@ -77,7 +83,7 @@ def build_result(
         zeros=zeros,
         g_idx=g_idx,
         grid=grid,
-        proxy_loss=float("nan") if hessian is None else proxy_loss(q, target, hessian),
+        proxy_loss=loss,
         damping=damping,
         damping_retries=damping_retries,
         seconds=time.perf_counter() - start,

@@ -26,13 +26,10 @@ def rtn(weight: Tensor, grid: QuantGrid, hessian: Tensor | None = None) -> Quant
     h = None if hessian is None else as_square(hessian, "hessian", cols, dtype, dev)
 
     width = cols if grid.group_size == -1 else grid.group_size
-    scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
-    zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
-    codes = torch.empty(rows, cols, dtype=dtype, device=dev)
-    for g in range(n_groups):
-        cols_g = slice(g * width, (g + 1) * width)
-        scales[:, g], zeros[:, g] = grid.fit(w[:, cols_g])
-        codes[:, cols_g] = grid.quantize(w[:, cols_g], scales[:, g], zeros[:, g])
+    groups = w.reshape(rows * n_groups, width)  # row r of group g is row r * n_groups + g
+    scale, zero = grid.fit(groups)
+    codes = grid.quantize(groups, scale, zero).view(rows, cols)
+    scales, zeros = scale.view(rows, n_groups), zero.view(rows, n_groups)
     g_idx = torch.arange(cols, device=dev) // width
     return build_result(
         codes, scales, zeros, g_idx, grid, target=w, hessian=h,
