@@ -64,7 +64,8 @@ def theirs(bits: int, group_size: int, symmetric: bool) -> Solver | None:
         from compressed_tensors.quantization import QuantizationArgs
         from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
         from llmcompressor.observers import Observer
-    except ImportError:
+    except Exception as exc:  # not installed, or not importable beside this torch/transformers
+        print(f"llm-compressor not usable here ({type(exc).__name__}: {exc}); timing ours only")
         return None
     args = QuantizationArgs(
         num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size

@@ -27,7 +27,8 @@ if [[ $STEPS == *tests* ]]; then
     tests/models/test_device.py tests/quant/test_gptq.py 2>&1 | tail -n 25 | tee "$OUT/tests.log"
 fi
 if [[ $STEPS == *layers* ]] && [ -f benchmarks/bench_gptq_llmcompressor.py ]; then
-  timeout "${LAYERS_S:-60}" python3 benchmarks/bench_gptq_llmcompressor.py --device cuda \
+  timeout "${LAYERS_S:-90}" python3 benchmarks/bench_gptq_llmcompressor.py --device cuda \
+    --sizes ${LAYER_SIZES:-4096x4096,11008x4096,2048x5632} --json "$OUT/layers.json" \
     2>&1 | tee "$OUT/layers.log"
 fi
 if [[ $STEPS == *device* ]]; then
