@@ -9,8 +9,12 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    CamembertConfig,
+    CamembertModel,
     RobertaConfig,
     RobertaModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
 )
 
 from epmq.calib import quantize_model
@@ -19,6 +23,7 @@ from epmq.calib.capture import capture_stage_inputs
 from epmq.errors import EpmqError
 from epmq.models import adapter_for
 from epmq.models.bert import BertAdapter, load_bert
+from epmq.models.registry import detect_family, load_model
 from epmq.quant import QuantGrid
 
 SMALL = dict(
@@ -88,6 +93,32 @@ def test_captured_inputs_replay_to_the_model_output() -> None:
     for call, b in zip(calls, [batch(0), batch(1)], strict=True):
         want = model(**b).last_hidden_state
         torch.testing.assert_close(adapter.hidden_states(call.args, call.kwargs), want)
+
+
+@pytest.mark.parametrize(
+    ("config", "cls"), [(XLMRobertaConfig, XLMRobertaModel), (CamembertConfig, CamembertModel)]
+)
+@torch.no_grad()
+def test_roberta_variants_are_bert_family_end_to_end(config, cls, tmp_path) -> None:
+    """XLM-R and CamemBERT share RoBERTa's ``encoder.layer.N`` layout: detected, loaded and
+    replayed block by block like BERT."""
+    torch.manual_seed(0)
+    cls(config(**SMALL, pad_token_id=1)).eval().save_pretrained(tmp_path)
+    assert detect_family(tmp_path) == "bert"
+    model, adapter = load_model(tmp_path, add_pooling_layer=False)
+    assert type(model) is cls and isinstance(adapter, BertAdapter) and model.pooler is None
+    (stage,) = adapter.stages(model)
+    assert stage.blocks_path == "encoder.layer"
+    calls = capture_stage_inputs(model, adapter, stage, [batch(0)], "t")
+    for index, block in enumerate(adapter.blocks(model, stage)):
+        assert adapter.linear_groups(block)[0] == [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+        ]
+        calls = propagate_calls(adapter, stage, index, block, calls)
+    want = model(**batch(0)).last_hidden_state
+    torch.testing.assert_close(adapter.hidden_states(calls[0].args, calls[0].kwargs), want)
 
 
 def test_load_bert_from_folder(tmp_path) -> None:

@@ -232,6 +232,8 @@ def test_engine_quantizes_llama(tmp_path) -> None:
     [
         ("bert", "bert"),
         ("roberta", "bert"),
+        ("xlm-roberta", "bert"),
+        ("camembert", "bert"),
         ("clip", "clip"),
         ("clip_vision_model", "clip"),
         ("t5", "t5"),

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from epmq.devices import DEVICE_CHOICES
 from epmq.errors import EpmqError
+from epmq.models.registry import families
 
-Family = Literal["bert", "clip", "t5", "llama"]
 DataFormat = Literal["csv", "jsonl", "npz", "imagefolder", "hf_disk"]
 Quantizer = Literal["rtn", "gptq", "epmq"]
 XSource = Literal["quantized", "merged", "expert"]
@@ -167,7 +167,8 @@ class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
     suite: str | None = None
-    family: Family | None = None
+    #: a model family's name (:func:`epmq.models.registry.families`); None: from the base
+    family: str | None = None
     pooling: Literal["mean", "cls"] = "mean"
     image: ImageSpec | None = None
     #: where calibration and evaluation run: auto (a CUDA GPU when present), cpu, cuda[:N];
@@ -186,6 +187,14 @@ class ExperimentConfig(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        known = families()
+        if value is not None and value not in known:
+            raise ValueError(f"unknown model family {value!r}; choose one of {', '.join(known)}")
+        return value
 
     @field_validator("device")
     @classmethod

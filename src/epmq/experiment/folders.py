@@ -21,7 +21,7 @@ from epmq.data import TaskData, read_task_data
 from epmq.errors import EpmqError
 from epmq.experiment.config import ExperimentConfig, TaskSpec
 from epmq.experiment.workload import Workload
-from epmq.heads import family_tasks
+from epmq.heads import HeadOptions, family_tasks
 from epmq.models.folder import read_config
 from epmq.models.registry import detect_family
 
@@ -36,6 +36,12 @@ def config_family(config: ExperimentConfig) -> str:
             f"holds a {detected!r} model"
         )
     return detected
+
+
+def head_options(config: ExperimentConfig) -> HeadOptions:
+    """The config's settings the task heads read."""
+    image = None if config.image is None else config.image.model_dump(exclude_none=True)
+    return HeadOptions(pooling=config.pooling, image=image)
 
 
 def read_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
@@ -68,7 +74,7 @@ def folder_workload(config: ExperimentConfig) -> Workload:
     family = config_family(config)
     for expert in config.experts:
         read_config(expert.path)  # each expert must be a model folder
-    logic = family_tasks(family, config.base.path, config)
+    logic = family_tasks(family, config.base.path, head_options(config))
     specs = {t.name: t for t in config.tasks}
     data = read_tasks(config)
     experts = {e.task: e for e in config.experts}

@@ -5,6 +5,8 @@
 - ``t5``: label words scored by the decoder; ``llama``: label words scored as continuations
   (:mod:`epmq.heads.text_to_text`).
 
+Which class serves a family is the family adapter's ``tasks`` declaration
+(:class:`epmq.models.adapter.BlockAdapter`); :func:`tasks_class` resolves it and
 :func:`family_tasks` builds the family's :class:`~epmq.heads.base.FamilyTasks` object.
 """
 
@@ -12,25 +14,34 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
 
 from epmq.errors import EpmqError
-from epmq.heads.base import FamilyTasks
+from epmq.heads.base import ExpertFields, FamilyTasks, HeadOptions, TaskFields
+from epmq.models.adapter import BlockAdapter
+from epmq.models.registry import adapter_class
 
-# family → (module, class)
-FAMILY_TASKS: dict[str, tuple[str, str]] = {
-    "bert": ("epmq.heads.encoder", "EncoderTasks"),
-    "clip": ("epmq.heads.clip", "ClipTasks"),
-    "t5": ("epmq.heads.text_to_text", "T5Tasks"),
-    "llama": ("epmq.heads.text_to_text", "CausalLMTasks"),
-}
+__all__ = [
+    "ExpertFields",
+    "FamilyTasks",
+    "HeadOptions",
+    "TaskFields",
+    "family_tasks",
+    "tasks_class",
+]
 
-__all__ = ["FAMILY_TASKS", "FamilyTasks", "family_tasks"]
+
+def tasks_class(adapter: type[BlockAdapter]) -> type[FamilyTasks]:
+    """The :class:`FamilyTasks` subclass named by ``adapter.tasks`` (``"module:Class"``)."""
+    if not adapter.tasks:
+        raise EpmqError(f"model family {adapter.family!r} has no task heads; it cannot run tasks")
+    module, _, name = adapter.tasks.partition(":")
+    found = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(found, type) and issubclass(found, FamilyTasks)):
+        raise TypeError(f"{adapter.__name__}.tasks = {adapter.tasks!r} is not a FamilyTasks class")
+    return found
 
 
-def family_tasks(family: str, base_dir: str | Path, config: Any) -> FamilyTasks:
+def family_tasks(family: str, base_dir: str | Path, options: HeadOptions) -> FamilyTasks:
     """The task logic of ``family`` for the base model in ``base_dir``."""
-    if family not in FAMILY_TASKS:
-        raise EpmqError(f"unknown model family {family!r}; choose one of {', '.join(FAMILY_TASKS)}")
-    module, cls = FAMILY_TASKS[family]
-    return getattr(importlib.import_module(module), cls)(Path(base_dir), config)
+    adapter = adapter_class(family)
+    return tasks_class(adapter)(adapter, Path(base_dir), options)

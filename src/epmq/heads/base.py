@@ -1,62 +1,111 @@
 """What a model family needs to run a user's classification tasks: the protocol.
 
-A :class:`FamilyTasks` object is built once per experiment from the base model folder and the
-config. It knows how to load the part of a checkpoint that is merged and quantized
-(:meth:`load_model`), how to build each task's head (a linear head file beside the expert, a
-CLIP zero-shot head, T5 label words, causal-LM continuations), how to turn a task's examples
-into calibration batches for the calibration engine, and how to predict a class per example.
+A :class:`FamilyTasks` object is built once per experiment from the family's adapter class,
+the base model folder and the :class:`HeadOptions`. It knows how to load the part of a
+checkpoint that is merged and quantized (:meth:`load_model`), how to build each task's head (a
+linear head file beside the expert, a CLIP zero-shot head, T5 label words, causal-LM
+continuations), how to turn a task's examples into calibration batches for the calibration
+engine, and how to predict a class per example.
 Accuracy is the same for every family (:meth:`FamilyTasks.accuracy`).
+
+Heads sit beside evaluation and never import the experiment layer: what they read of a task
+and an expert is described here (:class:`TaskFields`, :class:`ExpertFields`, protocols that the
+experiment config's specs satisfy) and the experiment-wide settings come as plain values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from epmq.data import Examples, TaskData
 from epmq.errors import EpmqError
-from epmq.experiment.config import ExperimentConfig, ExpertSpec, TaskSpec
+from epmq.models.adapter import BlockAdapter
 
 Batch = dict[str, Any]
 
 
-class FamilyTasks:
-    """Base class of the per-family task logic (see the module docstring)."""
+class TaskFields(Protocol):
+    """What heads read of a task (the experiment's ``TaskSpec`` has these fields)."""
 
-    family: str = ""
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_length(self) -> int: ...
+    @property
+    def prompt(self) -> str | None: ...
+    @property
+    def label_words(self) -> Sequence[str] | None: ...
+    @property
+    def templates(self) -> Sequence[str] | None: ...
+
+
+class ExpertFields(Protocol):
+    """What heads read of an expert (the experiment's ``ExpertSpec`` has these fields)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def head(self) -> Path | None: ...
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Experiment-wide settings the heads read: the encoder's ``pooling`` and, for image
+    models whose folder has no ``preprocessor_config.json``, the ``image`` preprocessing
+    fields (``size``, ``crop_size``, ``mean``, ``std``)."""
+
+    pooling: Literal["mean", "cls"] = "mean"
+    image: Mapping[str, Any] | None = None
+
+
+class FamilyTasks:
+    """Base class of the per-family task logic (see the module docstring).
+
+    The family's name and loader come from its adapter class (``adapter``), which names this
+    class in its ``tasks`` declaration.
+    """
+
     modality: str = "text"
 
-    def __init__(self, base_dir: Path, config: ExperimentConfig) -> None:
+    def __init__(self, adapter: type[BlockAdapter], base_dir: Path, options: HeadOptions) -> None:
+        self.adapter = adapter
+        self.family = adapter.family
         self.base_dir = Path(base_dir)
-        self.config = config
+        self.options = options
+
+    def load_model(self, folder: Path) -> nn.Module:
+        """The model (or tower) in ``folder`` that is merged, quantized and evaluated
+        (default: the family's loader)."""
+        return self.adapter.load(folder)
 
     # -- to implement ---------------------------------------------------------------------
-    def load_model(self, folder: Path) -> nn.Module:
-        """The model (or tower) in ``folder`` that is merged, quantized and evaluated."""
-        raise NotImplementedError
 
-    def head(self, task: TaskSpec, data: TaskData, expert: ExpertSpec) -> Any:
+    def head(self, task: TaskFields, data: TaskData, expert: ExpertFields) -> Any:
         """The head that turns the model's outputs on ``task`` into class scores."""
         raise NotImplementedError
 
     def calibration_batches(
-        self, task: TaskSpec, head: Any, examples: Examples, batch_size: int
+        self, task: TaskFields, head: Any, examples: Examples, batch_size: int
     ) -> list[Batch]:
         """Model inputs for the calibration engine, ``batch_size`` examples per batch."""
         raise NotImplementedError
 
     def predict(
-        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+        self, model: nn.Module, head: Any, task: TaskFields, examples: Examples, batch_size: int
     ) -> Tensor:
         """The predicted class index of every example, in order."""
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------
-    def check_labels(self, task: TaskSpec, data: TaskData, n_outputs: int, where: str) -> None:
+    def check_labels(self, task: TaskFields, data: TaskData, n_outputs: int, where: str) -> None:
         """Every label of every split must be one of the head's ``n_outputs`` classes."""
         for split_name in ("train", "calib", "test"):
             split = getattr(data, split_name)
@@ -71,7 +120,7 @@ class FamilyTasks:
 
     @torch.inference_mode()
     def accuracy(
-        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+        self, model: nn.Module, head: Any, task: TaskFields, examples: Examples, batch_size: int
     ) -> float:
         """Fraction of ``examples`` whose predicted class equals the label."""
         if len(examples) == 0:
@@ -91,7 +140,7 @@ def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-def label_words(task: TaskSpec, data: TaskData) -> list[str]:
+def label_words(task: TaskFields, data: TaskData) -> list[str]:
     """The words that name each class in generated text: ``label_words``, else class names."""
     words = list(task.label_words) if task.label_words else list(data.classes)
     if len(words) < len(data.classes):
@@ -102,13 +151,13 @@ def label_words(task: TaskSpec, data: TaskData) -> list[str]:
     return words
 
 
-def prompts(task: TaskSpec, texts: Sequence[str], default: str) -> list[str]:
+def prompts(task: TaskFields, texts: Sequence[str], default: str) -> list[str]:
     """Each text placed into the task's ``prompt`` (``default`` when the task gives none)."""
     template = task.prompt or default
     return [template.replace("{text}", text) for text in texts]
 
 
-def require_text(task: TaskSpec, data: TaskData, family: str) -> None:
+def require_text(task: TaskFields, data: TaskData, family: str) -> None:
     if data.modality != "text":
         raise EpmqError(
             f"task {task.name}: {family} models read text, but {data.source} holds images"

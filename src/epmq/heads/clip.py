@@ -26,9 +26,17 @@ from torch import Tensor, nn
 
 from epmq.data import Examples, ImagePreprocessing, TaskData, load_images
 from epmq.errors import EpmqError
-from epmq.experiment.config import ExpertSpec, TaskSpec
-from epmq.heads.base import Batch, FamilyTasks, chunks, label_words
+from epmq.heads.base import (
+    Batch,
+    ExpertFields,
+    FamilyTasks,
+    HeadOptions,
+    TaskFields,
+    chunks,
+    label_words,
+)
 from epmq.heads.encoder import linear_head
+from epmq.models.adapter import BlockAdapter
 from epmq.models.clip import classify, zero_shot_head
 from epmq.models.folder import read_config
 from epmq.suites.classifier import HEAD_FILE, quiet_transformers
@@ -39,38 +47,35 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 class ClipTasks(FamilyTasks):
     """Image classification with a CLIP vision tower (see the module docstring)."""
 
-    family = "clip"
     modality = "image"
 
-    def __init__(self, base_dir: Path, config: Any) -> None:
-        super().__init__(base_dir, config)
+    def __init__(self, adapter: type[BlockAdapter], base_dir: Path, options: HeadOptions) -> None:
+        super().__init__(adapter, base_dir, options)
         raw = read_config(base_dir)
         self.is_full_clip = raw.get("model_type") == "clip"
         self.vision = raw.get("vision_config", raw) if self.is_full_clip else raw
         self.image_size = int(self.vision.get("image_size", 224))
-        self.preprocessing = self._preprocessing(config)
+        self.preprocessing = self._preprocessing(options)
         self.preprocessing.check_model_size(self.image_size, f"model {base_dir}")
         self._full: nn.Module | None = None
         self.projection = self._projection(raw)
 
-    def _preprocessing(self, config: Any) -> ImagePreprocessing:
+    def _preprocessing(self, options: HeadOptions) -> ImagePreprocessing:
         found = ImagePreprocessing.from_folder(self.base_dir)
         if found is not None:
             return found
-        if config.image is None:
+        if options.image is None:
             raise EpmqError(
                 f"{self.base_dir} has no preprocessor_config.json; give the image size and "
                 "normalisation in the config's 'image' block"
             )
-        return ImagePreprocessing.from_dict(config.image.model_dump(exclude_none=True))
+        return ImagePreprocessing.from_dict(dict(options.image))
 
     def _base_clip(self) -> nn.Module:
         """The whole pretrained base (text tower and projections), loaded once."""
         if self._full is None:
-            from epmq.models.clip import load_clip
-
             with quiet_transformers():
-                self._full = load_clip(self.base_dir)
+                self._full = self.adapter.load(self.base_dir)
         return self._full
 
     def _projection(self, raw: dict[str, Any]) -> nn.Module | None:
@@ -92,7 +97,7 @@ class ClipTasks(FamilyTasks):
             return int(self.projection.out_features)
         return int(self.vision.get("hidden_size", 0))
 
-    def head(self, task: TaskSpec, data: TaskData, expert: ExpertSpec) -> nn.Module:
+    def head(self, task: TaskFields, data: TaskData, expert: ExpertFields) -> nn.Module:
         if data.modality != "image":
             raise EpmqError(f"task {task.name}: CLIP reads images, but {data.source} holds text")
         has_file = expert.head is not None or (Path(expert.path) / HEAD_FILE).is_file()
@@ -118,7 +123,7 @@ class ClipTasks(FamilyTasks):
         return self.preprocessing.pixel_values(load_images(list(images.inputs)))
 
     def calibration_batches(
-        self, task: TaskSpec, head: Any, examples: Examples, batch_size: int
+        self, task: TaskFields, head: Any, examples: Examples, batch_size: int
     ) -> list[Batch]:
         return [
             {"pixel_values": self.pixel_values(examples.subset(part))}
@@ -126,7 +131,7 @@ class ClipTasks(FamilyTasks):
         ]
 
     def predict(
-        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+        self, model: nn.Module, head: Any, task: TaskFields, examples: Examples, batch_size: int
     ) -> Tensor:
         out = []
         for part in chunks(list(range(len(examples))), batch_size):

@@ -20,14 +20,14 @@ from epmq.calib.text_data import calibration_batches, load_tokenizer, model_inpu
 from epmq.data import Examples, TaskData
 from epmq.devices import module_device
 from epmq.errors import EpmqError
-from epmq.experiment.config import ExpertSpec, TaskSpec
-from epmq.heads.base import Batch, FamilyTasks, require_text
+from epmq.heads.base import Batch, ExpertFields, FamilyTasks, HeadOptions, TaskFields, require_text
+from epmq.models.adapter import BlockAdapter
 from epmq.models.folder import read_config
 from epmq.suites.batching import encode, length_sorted_batches
 from epmq.suites.classifier import HEAD_FILE, load_head, mean_pool
 
 
-def linear_head(expert: ExpertSpec, width: int, width_name: str) -> nn.Linear:
+def linear_head(expert: ExpertFields, width: int, width_name: str) -> nn.Linear:
     """The expert's head file (its ``head`` field, else ``<expert>/head.safetensors``),
     checked against the width of the features it reads."""
     file = Path(expert.head) if expert.head is not None else Path(expert.path) / HEAD_FILE
@@ -48,20 +48,18 @@ def linear_head(expert: ExpertSpec, width: int, width_name: str) -> nn.Linear:
 class EncoderTasks(FamilyTasks):
     """Text classification with a BERT-style encoder and per-task linear heads."""
 
-    family = "bert"
     modality = "text"
 
-    def __init__(self, base_dir: Path, config: Any) -> None:
-        super().__init__(base_dir, config)
+    def __init__(self, adapter: type[BlockAdapter], base_dir: Path, options: HeadOptions) -> None:
+        super().__init__(adapter, base_dir, options)
         self.tokenizer = load_tokenizer(base_dir)
-        self.pooling = config.pooling
+        self.pooling = options.pooling
 
     def load_model(self, folder: Path) -> nn.Module:
-        from epmq.models.bert import load_bert
+        """The encoder without its pooler (the heads read the pooled hidden states)."""
+        return self.adapter.load(folder, add_pooling_layer=False)
 
-        return load_bert(folder, add_pooling_layer=False)
-
-    def head(self, task: TaskSpec, data: TaskData, expert: ExpertSpec) -> nn.Linear:
+    def head(self, task: TaskFields, data: TaskData, expert: ExpertFields) -> nn.Linear:
         require_text(task, data, "BERT-style")
         hidden = int(read_config(self.base_dir).get("hidden_size", 0))
         head = linear_head(expert, hidden, "hidden size")
@@ -69,7 +67,7 @@ class EncoderTasks(FamilyTasks):
         return head
 
     def calibration_batches(
-        self, task: TaskSpec, head: Any, examples: Examples, batch_size: int
+        self, task: TaskFields, head: Any, examples: Examples, batch_size: int
     ) -> list[Batch]:
         return calibration_batches(
             self.tokenizer,
@@ -90,7 +88,7 @@ class EncoderTasks(FamilyTasks):
         return mean_pool(hidden, batch["attention_mask"].to(device))
 
     def predict(
-        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+        self, model: nn.Module, head: Any, task: TaskFields, examples: Examples, batch_size: int
     ) -> Tensor:
         encoded = encode(self.tokenizer, list(examples.inputs), max_length=task.max_length)
         predicted = torch.empty(len(encoded), dtype=torch.long)

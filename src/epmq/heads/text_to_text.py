@@ -20,8 +20,18 @@ from torch import Tensor, nn
 from epmq.calib.text_data import calibration_batches, load_tokenizer
 from epmq.data import Examples, TaskData
 from epmq.errors import EpmqError
-from epmq.experiment.config import ExpertSpec, TaskSpec
-from epmq.heads.base import Batch, FamilyTasks, chunks, label_words, prompts, require_text
+from epmq.heads.base import (
+    Batch,
+    ExpertFields,
+    FamilyTasks,
+    HeadOptions,
+    TaskFields,
+    chunks,
+    label_words,
+    prompts,
+    require_text,
+)
+from epmq.models.adapter import BlockAdapter
 
 
 class LabelWords:
@@ -37,11 +47,11 @@ class LabelWords:
 class _WordTasks(FamilyTasks):
     default_prompt = "{text}"
 
-    def __init__(self, base_dir: Path, config: Any) -> None:
-        super().__init__(base_dir, config)
+    def __init__(self, adapter: type[BlockAdapter], base_dir: Path, options: HeadOptions) -> None:
+        super().__init__(adapter, base_dir, options)
         self.tokenizer = load_tokenizer(base_dir)
 
-    def head(self, task: TaskSpec, data: TaskData, expert: ExpertSpec) -> LabelWords:
+    def head(self, task: TaskFields, data: TaskData, expert: ExpertFields) -> LabelWords:
         require_text(task, data, self.family)
         if expert.head is not None:
             raise EpmqError(
@@ -56,15 +66,8 @@ class _WordTasks(FamilyTasks):
 class T5Tasks(_WordTasks):
     """T5 / FLAN-T5: the encoder reads the prompt, the decoder is scored on label words."""
 
-    family = "t5"
-
-    def load_model(self, folder: Path) -> nn.Module:
-        from epmq.models.t5 import load_t5
-
-        return load_t5(folder)
-
     def calibration_batches(
-        self, task: TaskSpec, head: Any, examples: Examples, batch_size: int
+        self, task: TaskFields, head: Any, examples: Examples, batch_size: int
     ) -> list[Batch]:
         words = head.words
         texts = prompts(task, list(examples.inputs), self.default_prompt)
@@ -92,7 +95,7 @@ class T5Tasks(_WordTasks):
         return batches
 
     def predict(
-        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+        self, model: nn.Module, head: Any, task: TaskFields, examples: Examples, batch_size: int
     ) -> Tensor:
         from epmq.models.t5 import score_label_words
 
@@ -103,16 +106,10 @@ class T5Tasks(_WordTasks):
 class CausalLMTasks(_WordTasks):
     """Llama-style decoders: the label word is scored as the prompt's continuation."""
 
-    family = "llama"
     default_prompt = "{text}\nAnswer:"
 
-    def load_model(self, folder: Path) -> nn.Module:
-        from epmq.models.llama import load_llama
-
-        return load_llama(folder)
-
     def calibration_batches(
-        self, task: TaskSpec, head: Any, examples: Examples, batch_size: int
+        self, task: TaskFields, head: Any, examples: Examples, batch_size: int
     ) -> list[Batch]:
         words = head.words
         texts = prompts(task, list(examples.inputs), self.default_prompt)
@@ -128,7 +125,7 @@ class CausalLMTasks(_WordTasks):
         )
 
     def predict(
-        self, model: nn.Module, head: Any, task: TaskSpec, examples: Examples, batch_size: int
+        self, model: nn.Module, head: Any, task: TaskFields, examples: Examples, batch_size: int
     ) -> Tensor:
         from epmq.models.llama import score_continuations
 

@@ -1,17 +1,13 @@
 """Model families: adapters that tell the calibration engine how to walk a model's blocks.
 
-See :mod:`epmq.models.adapter` for the protocol. Family modules (``bert``, ``clip``, ``t5``,
-``llama``) register their adapters on import; :func:`adapter_for` imports those present and
-returns the first adapter that matches the model.
+See :mod:`epmq.models.adapter` for the protocol. Each family module (``bert``, ``clip``,
+``t5``, ``llama``) registers one adapter class, the family's whole description;
+:mod:`epmq.models.registry` finds families by name, ``model_type``, folder or model, and
+:func:`adapter_for` returns the adapter that matches a model.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from torch import nn
-
-from epmq.errors import EpmqError
 from epmq.models.adapter import (
     BlockAdapter,
     Stage,
@@ -19,39 +15,14 @@ from epmq.models.adapter import (
     register_adapter,
     registered_adapters,
 )
-
-FAMILY_MODULES = ("bert", "clip", "t5", "llama")
+from epmq.models.registry import adapter_for, families
 
 __all__ = [
-    "FAMILY_MODULES",
     "BlockAdapter",
     "Stage",
     "StopForward",
     "adapter_for",
+    "families",
     "register_adapter",
     "registered_adapters",
 ]
-
-
-def _import_families() -> None:
-    for name in FAMILY_MODULES:
-        module = f"epmq.models.{name}"
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a missing dependency inside the module is a bug
-                raise
-
-
-def adapter_for(model: nn.Module) -> BlockAdapter:
-    """The registered adapter for ``model`` (matched on ``config.model_type``)."""
-    _import_families()
-    for cls in registered_adapters():
-        if cls.matches(model):
-            return cls()
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    known = sorted({t for cls in registered_adapters() for t in cls.model_types})
-    raise EpmqError(
-        f"no adapter for model {type(model).__name__} (model_type={model_type!r}); "
-        f"supported model types: {', '.join(known) or 'none'}"
-    )

@@ -18,14 +18,19 @@ A model is one or more :class:`Stage` s run in order (BERT, CLIP vision, Llama: 
 T5: the encoder stack, then the decoder stack). Each stage is captured afresh after the
 previous stages are solved, so a T5 decoder sees the encoder as quantized so far.
 
-Adapters subclass :class:`BlockAdapter`, override what differs from the defaults, and register
-with :func:`register_adapter`; :func:`epmq.models.adapter_for` picks one for a model.
+An adapter class is also the one description of its model family: its ``family`` name, the
+``config.model_type`` values it handles, its loader (:meth:`BlockAdapter.load`) and the
+task-heads class that runs users' tasks on it (:attr:`BlockAdapter.tasks`). Adapters subclass
+:class:`BlockAdapter`, override what differs from the defaults, and register with
+:func:`register_adapter`; :mod:`epmq.models.registry` answers every question by family,
+``model_type``, folder or model from those declarations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -72,16 +77,27 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 class BlockAdapter:
     """Default behaviour shared by transformer families; subclasses override what differs.
 
-    Subclasses set ``family`` and ``model_types`` (``config.model_type`` values they handle)
-    and implement :meth:`stages`. Everything else has a default that fits blocks called as
+    Subclasses declare their family (``family``, ``model_types``, ``tasks``), implement
+    :meth:`load` and :meth:`stages`. Everything else has a default that fits blocks called as
     ``block(hidden_states, *rest, **kwargs)`` and returning a tensor or a tuple whose first
     element is the new hidden states.
     """
 
+    #: The family's name (config ``family:``, results, the CLI's messages).
     family: ClassVar[str] = "generic"
+    #: The ``config.model_type`` values this family handles (one family per value).
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: The task-heads class serving this family, as ``"module:Class"`` (a
+    #: :class:`epmq.heads.base.FamilyTasks` subclass; resolved by :func:`epmq.heads.tasks_class`,
+    #: so that models never import heads). Empty: the family quantizes but runs no tasks.
+    tasks: ClassVar[str] = ""
 
     # -- which models ---------------------------------------------------------------------
+    @staticmethod
+    def load(path: str | Path, **kwargs: Any) -> nn.Module:
+        """Load the family's model saved in the local folder ``path`` (eval mode, no hub)."""
+        raise NotImplementedError
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         """Whether this adapter handles ``model`` (by ``config.model_type`` by default)."""
@@ -237,9 +253,23 @@ _REGISTRY: list[type[BlockAdapter]] = []
 
 
 def register_adapter(cls: type[BlockAdapter]) -> type[BlockAdapter]:
-    """Class decorator: make ``cls`` available to :func:`epmq.models.adapter_for`."""
-    if cls not in _REGISTRY:
-        _REGISTRY.append(cls)
+    """Class decorator: make ``cls`` (a family) known to :mod:`epmq.models.registry`.
+
+    A family name and a ``model_type`` belong to one adapter; a clash is a bug (``ValueError``).
+    """
+    if cls in _REGISTRY:
+        return cls
+    if not cls.family or not cls.model_types:
+        raise ValueError(f"{cls.__name__} must declare 'family' and 'model_types'")
+    for other in _REGISTRY:
+        if other.family == cls.family:
+            raise ValueError(f"family {cls.family!r} is declared by {other.__name__} already")
+        shared = set(other.model_types) & set(cls.model_types)
+        if shared:
+            raise ValueError(
+                f"model types {sorted(shared)} of {cls.__name__} belong to {other.__name__}"
+            )
+    _REGISTRY.append(cls)
     return cls
 
 

@@ -1,4 +1,5 @@
-"""BERT-style encoders: BertModel, BertFor*, RoBERTa, MiniLM (``encoder.layer.N``).
+"""BERT-style encoders: BertModel, BertFor*, RoBERTa, XLM-RoBERTa, CamemBERT, MiniLM
+(``encoder.layer.N``).
 
 The blocks are ``BertLayer``s called as ``layer(hidden_states, extended_attention_mask, ...)``
 and returning the new hidden states; the extended attention mask is captured as the model
@@ -41,8 +42,14 @@ class BertAdapter(BlockAdapter):
     """Adapter for BERT-like encoders (one stage: the encoder's layer list)."""
 
     family = "bert"
-    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert")
+    tasks = "epmq.heads.encoder:EncoderTasks"
     sequential_groups = _GROUPS
+
+    @staticmethod
+    def load(path: str | Path, **kwargs: Any) -> nn.Module:
+        """:func:`load_bert`."""
+        return load_bert(path, **kwargs)
 
     def stages(self, model: nn.Module) -> list[Stage]:
         return [self.find_stage(model, "encoder", self._candidate_paths(model))]

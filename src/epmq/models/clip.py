@@ -52,6 +52,7 @@ class ClipVisionAdapter(BlockAdapter):
 
     family = "clip"
     model_types = ("clip", "clip_vision_model")
+    tasks = "epmq.heads.clip:ClipTasks"
     sequential_groups = _GROUPS
 
     def stages(self, model: nn.Module) -> list[Stage]:

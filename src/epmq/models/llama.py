@@ -36,15 +36,14 @@ _GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.down_proj",),
 )
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-
 
 @register_adapter
 class LlamaAdapter(BlockAdapter):
     """Adapter for Llama-style decoders (one stage: the decoder's layer list)."""
 
     family = "llama"
-    model_types = MODEL_TYPES
+    model_types = ("llama", "mistral", "qwen2")
+    tasks = "epmq.heads.text_to_text:CausalLMTasks"
     sequential_groups = _GROUPS
 
     def stages(self, model: nn.Module) -> list[Stage]:
@@ -80,10 +79,10 @@ def load_llama(path: str | Path, **kwargs: Any) -> nn.Module:
 
     path = Path(path)
     model_type = read_config(path).get("model_type")
-    if model_type not in MODEL_TYPES:
+    if model_type not in LlamaAdapter.model_types:
         raise EpmqError(
             f"{path / 'config.json'}: model_type {model_type!r} is not one of "
-            f"{', '.join(MODEL_TYPES)}"
+            f"{', '.join(LlamaAdapter.model_types)}"
         )
     model = from_folder(AutoModelForCausalLM, path, **kwargs)
     model.eval()

@@ -1,60 +1,50 @@
-"""Model families by name, and family detection from a model folder's ``config.json``.
+"""Model families, looked up by name, by ``model_type``, by folder or by model.
 
-``model_type`` → family: ``bert``/``roberta`` → ``bert``; ``clip``/``clip_vision_model`` →
-``clip``; ``t5`` → ``t5``; ``llama``/``mistral``/``qwen2`` → ``llama``. Each family names its
-adapter class (:mod:`epmq.models.adapter` protocol) and its loader, a function
-``load_<family>(path, **kwargs)`` that calls ``from_pretrained`` on the local folder.
+Every answer is derived from the registered adapter classes (:mod:`epmq.models.adapter`): each
+declares its ``family``, ``model_types``, loader and task heads, and nothing here repeats them.
+The family modules are the modules of this package that register an adapter; they are all
+imported on the first lookup, so adding a family is adding its module (and its heads class).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import pkgutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from epmq.errors import EpmqError
-from epmq.models.adapter import BlockAdapter
+from epmq.models.adapter import BlockAdapter, registered_adapters
 from epmq.models.folder import read_config
 
-# family → (module, adapter class, loader function)
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "bert": ("epmq.models.bert", "BertAdapter", "load_bert"),
-    "clip": ("epmq.models.clip", "ClipVisionAdapter", "load_clip"),
-    "t5": ("epmq.models.t5", "T5Adapter", "load_t5"),
-    "llama": ("epmq.models.llama", "LlamaAdapter", "load_llama"),
-}
 
-MODEL_TYPES: dict[str, str] = {
-    "bert": "bert",
-    "roberta": "bert",
-    "clip": "clip",
-    "clip_vision_model": "clip",
-    "t5": "t5",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-}
+def _import_families() -> None:
+    import epmq.models as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
 
 
-def _check_family(family: str) -> tuple[str, str, str]:
-    if family not in FAMILIES:
-        raise EpmqError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return FAMILIES[family]
+def families() -> dict[str, type[BlockAdapter]]:
+    """Every family's adapter class, by family name, in registration order."""
+    _import_families()
+    return {cls.family: cls for cls in registered_adapters()}
+
+
+def model_types() -> dict[str, str]:
+    """Every supported ``config.model_type`` → its family."""
+    return {t: name for name, cls in families().items() for t in cls.model_types}
 
 
 def adapter_class(family: str) -> type[BlockAdapter]:
-    """The adapter class of ``family`` (``bert``, ``clip``, ``t5``, ``llama``)."""
-    module, cls, _ = _check_family(family)
-    return getattr(importlib.import_module(module), cls)
-
-
-def loader(family: str) -> Callable[..., nn.Module]:
-    """The ``load_<family>(path, **kwargs)`` function of ``family``."""
-    module, _, func = _check_family(family)
-    return getattr(importlib.import_module(module), func)
+    """The adapter class of ``family`` (``bert``, ``clip``, ``t5``, ``llama``, ...)."""
+    known = families()
+    if family not in known:
+        raise EpmqError(f"unknown model family {family!r}; choose one of {', '.join(known)}")
+    return known[family]
 
 
 def read_model_type(folder: str | Path) -> str:
@@ -68,12 +58,13 @@ def read_model_type(folder: str | Path) -> str:
 def detect_family(folder: str | Path) -> str:
     """The family of the model saved in ``folder``, from its ``config.json`` ``model_type``."""
     model_type = read_model_type(folder)
-    if model_type not in MODEL_TYPES:
+    known = model_types()
+    if model_type not in known:
         raise EpmqError(
             f"{Path(folder)}: model_type {model_type!r} is not supported; supported types: "
-            f"{', '.join(sorted(MODEL_TYPES))}"
+            f"{', '.join(sorted(known))}"
         )
-    return MODEL_TYPES[model_type]
+    return known[model_type]
 
 
 def adapter_for_folder(folder: str | Path) -> BlockAdapter:
@@ -83,6 +74,17 @@ def adapter_for_folder(folder: str | Path) -> BlockAdapter:
 
 def load_model(folder: str | Path, **kwargs: Any) -> tuple[nn.Module, BlockAdapter]:
     """Load the model in ``folder`` (eval mode, local files only) and its adapter."""
-    family = detect_family(folder)
-    model = loader(family)(folder, **kwargs)
-    return model, adapter_class(family)()
+    adapter = adapter_for_folder(folder)
+    return adapter.load(folder, **kwargs), adapter
+
+
+def adapter_for(model: nn.Module) -> BlockAdapter:
+    """The registered adapter for ``model`` (matched on ``config.model_type``)."""
+    for cls in families().values():
+        if cls.matches(model):
+            return cls()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise EpmqError(
+        f"no adapter for model {type(model).__name__} (model_type={model_type!r}); "
+        f"supported model types: {', '.join(sorted(model_types())) or 'none'}"
+    )

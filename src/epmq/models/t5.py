@@ -71,6 +71,7 @@ class T5Adapter(BlockAdapter):
 
     family = "t5"
     model_types = ("t5",)
+    tasks = "epmq.heads.text_to_text:T5Tasks"
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = []
