@@ -21,7 +21,6 @@ adding one file there.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,94 +28,9 @@ from typing import Any
 import torch
 
 from epmq.errors import EpmqError
+from epmq.params import Declared, Param
 
-_KINDS = {float: "float", int: "int", str: "str", list: "list[float]"}
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a method: its type, default, allowed values and help text.
-
-    ``kind`` is ``float``, ``int``, ``str`` or ``list`` (a list of floats, written
-    ``1,2,3`` on the command line). ``low``/``high`` bound numbers (inclusive unless
-    ``low_open``/``high_open``); ``choices`` restricts strings.
-    """
-
-    name: str
-    kind: type
-    default: Any
-    help: str
-    choices: tuple[str, ...] = ()
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    @property
-    def type_name(self) -> str:
-        return _KINDS[self.kind]
-
-    def parse(self, text: str, method: str) -> Any:
-        """Turn command-line text (``"0.2"``, ``"mean"``, ``"1,2,3"``) into a value."""
-        text = text.strip()
-        try:
-            if self.kind is list:
-                return [float(part) for part in text.split(",") if part.strip()]
-            if self.kind is int:
-                return int(text)
-            if self.kind is float:
-                return float(text)
-        except ValueError:
-            raise EpmqError(
-                f"method {method!r}: parameter {self.name!r} expects {self.type_name}, got {text!r}"
-            ) from None
-        return text
-
-    def check(self, value: Any, method: str) -> Any:
-        """Validate (and coerce ints to floats where a float is expected) a value."""
-        where = f"method {method!r}: parameter {self.name!r}"
-        if value is None and self.default is None:
-            return None
-        if self.kind is list:
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                raise EpmqError(f"{where} expects a list of numbers, got {value!r}")
-            return [self._number(v, where) for v in value]
-        if self.kind is str:
-            if not isinstance(value, str):
-                raise EpmqError(f"{where} expects a string, got {value!r}")
-            if self.choices and value not in self.choices:
-                raise EpmqError(f"{where} must be one of {', '.join(self.choices)}; got {value!r}")
-            return value
-        if self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise EpmqError(f"{where} expects an integer, got {value!r}")
-            number: float = value
-        else:
-            number = self._number(value, where)
-        self._check_range(number, where)
-        return number
-
-    @staticmethod
-    def _number(value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EpmqError(f"{where} expects a number, got {value!r}")
-        if not math.isfinite(value):
-            raise EpmqError(f"{where} must be finite, got {value!r}")
-        return float(value)
-
-    def _check_range(self, number: float, where: str) -> None:
-        low_bad = self.low is not None and (
-            number <= self.low if self.low_open else number < self.low
-        )
-        high_bad = self.high is not None and (
-            number >= self.high if self.high_open else number > self.high
-        )
-        if low_bad or high_bad:
-            left = "(" if self.low_open else "["
-            right = ")" if self.high_open else "]"
-            low = "-inf" if self.low is None else self.low
-            high = "inf" if self.high is None else self.high
-            raise EpmqError(f"{where} must be in {left}{low}, {high}{right}; got {number}")
+__all__ = ["MergeMethod", "Param", "TensorContext", "get_method", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -143,61 +57,28 @@ MethodFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
-class MergeMethod:
+class MergeMethod(Declared):
     """A registered method: its function, parameters and needs."""
 
-    name: str
     fn: MethodFn
-    params: tuple[Param, ...]
-    summary: str
     uses_grams: bool = False
     requires_grams: bool = False
     global_density: Callable[[Mapping[str, Any]], float | None] = field(default=lambda params: None)
     check: Callable[[Mapping[str, Any], int], None] | None = None
 
-    def param(self, name: str) -> Param:
-        for spec in self.params:
-            if spec.name == name:
-                return spec
-        raise EpmqError(
-            f"method {self.name!r} has no parameter {name!r}; "
-            f"valid parameters: {self._param_names()}"
-        )
-
-    def _param_names(self) -> str:
-        return ", ".join(p.name for p in self.params) or "(none)"
-
     def resolve(self, params: Mapping[str, Any], num_experts: int | None = None) -> dict:
         """Fill defaults and validate values; unknown names raise :class:`EpmqError`."""
-        for name in params:
-            self.param(name)
-        resolved = {
-            p.name: p.check(params[p.name], self.name) if p.name in params else p.default
-            for p in self.params
-        }
+        resolved = super().resolve(params)
         if self.check is not None and num_experts is not None:
             self.check(resolved, num_experts)
         return resolved
 
-    def parse(self, assignments: Sequence[str]) -> dict[str, Any]:
-        """Parse ``name=value`` strings (command line) into typed values."""
-        values: dict[str, Any] = {}
-        for text in assignments:
-            name, sep, value = text.partition("=")
-            if not sep or not name.strip():
-                raise EpmqError(f"--param expects name=value, got {text!r}")
-            values[name.strip()] = self.param(name.strip()).parse(value, self.name)
-        return values
-
     def describe(self) -> str:
         """A few lines: name, summary, parameters with types and defaults."""
-        lines = [f"{self.name}: {self.summary}"]
-        for p in self.params:
-            extra = f" (one of {', '.join(p.choices)})" if p.choices else ""
-            lines.append(f"  {p.name}: {p.type_name} = {p.default!r}{extra} - {p.help}")
+        text = super().describe()
         if self.requires_grams:
-            lines.append("  needs per-task Gram matrices (grams=...)")
-        return "\n".join(lines)
+            text += "\n  needs per-task Gram matrices (grams=...)"
+        return text
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -261,13 +142,5 @@ def describe_method(name: str) -> dict[str, Any]:
         "name": method.name,
         "summary": method.summary,
         "requires_grams": method.requires_grams,
-        "params": {
-            p.name: {
-                "type": p.type_name,
-                "default": p.default,
-                "choices": list(p.choices),
-                "help": p.help,
-            }
-            for p in method.params
-        },
+        "params": method.describe_params(),
     }
