@@ -11,6 +11,7 @@ from calib_fixtures import Setup, outputs, task_error
 from epmq.calib import quantize_model
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
+from solver_params import params_for
 
 LINEARS_PER_BLOCK = 6
 
@@ -32,7 +33,10 @@ def max_output_gap(a, b, setup: Setup) -> float:
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "epmq"])
 def test_8bit_stays_close_to_merged(setup: Setup, method: str) -> None:
-    model, result = run(setup, method=method, grid=QuantGrid(8), experts=setup.experts, alpha=1.0)
+    model, result = run(
+        setup, method=method, grid=QuantGrid(8), experts=setup.experts,
+        **params_for(method, alpha=1.0),
+    )  # fmt: skip
     gap = max_output_gap(model, setup.merged(), setup)
     assert gap < 0.1
     assert len(result.layers) == 2 * LINEARS_PER_BLOCK

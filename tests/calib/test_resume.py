@@ -10,6 +10,7 @@ from epmq.calib import quantize_model
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
+from solver_params import params_for
 
 
 class Interrupt(Exception):
@@ -32,9 +33,9 @@ def test_resume_equals_uninterrupted(setup: Setup, tmp_path, method: str, x_sour
         method=method,
         grid=QuantGrid(3, group_size=16),
         experts=setup.experts,
-        alpha=0.05,
         x_source=x_source,
         progress=False,
+        **params_for(method, alpha=0.05),
     )
     full = setup.merged()
     reference = quantize_model(full, BertAdapter(), setup.calib, **kwargs)

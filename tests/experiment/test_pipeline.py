@@ -154,7 +154,7 @@ def test_regmean_reduce_ratio_reaches_the_engine(
 
     def spy(*args: object, **kwargs: object) -> object:
         if kwargs.get("method") == "regmean":
-            seen.append(float(kwargs["regmean_scale"]))  # type: ignore[arg-type]
+            seen.append(float(kwargs["reduce_ratio"]))  # type: ignore[arg-type]
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(epmq.calib, "quantize_model", spy)

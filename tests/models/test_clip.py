@@ -26,6 +26,7 @@ from epmq.models.clip import (
     vision_tower,
     zero_shot_head,
 )
+from solver_params import params_for
 
 WORDS = ["a", "photo", "of", "cat", "dog", "car", "bird", "picture", "blurry"]
 
@@ -215,7 +216,7 @@ def test_engine_quantizes_clip_vision() -> None:
         model = with_state(base, merged_state)
         run = quantize_model(
             model, ClipVisionAdapter(), calib, method=method, grid=QuantGrid(8),
-            experts=experts, alpha=alpha, progress=False,
+            experts=experts, progress=False, **params_for(method, alpha=alpha),
         )  # fmt: skip
         assert len(run.layers) == 2 * 6
         models[(method, alpha)] = model

@@ -22,6 +22,7 @@ from epmq.devices import module_device, resolve_device
 from epmq.errors import EpmqError
 from epmq.experiment.config import parse_config
 from epmq.quant import QuantGrid
+from solver_params import params_for
 
 FAMILIES = ["bert", "clip", "t5", "llama"]
 CASES = [
@@ -59,7 +60,7 @@ def _run(setup: FamilySetup, method: str, x_source: str, device: str | None = No
     model = setup.merged()
     run = quantize_model(
         model, setup.adapter(), setup.calib, method=method, grid=GRID, experts=setup.experts,
-        alpha=0.05, x_source=x_source, progress=False, device=device,
+        x_source=x_source, progress=False, device=device, **params_for(method, alpha=0.05),
     )  # fmt: skip
     return model, run
 

@@ -30,6 +30,7 @@ from epmq.models.clip import ClipVisionAdapter
 from epmq.models.llama import LlamaAdapter
 from epmq.models.t5 import T5Adapter
 from epmq.quant import QuantGrid
+from solver_params import params_for
 
 Batch = dict[str, torch.Tensor]
 
@@ -193,7 +194,7 @@ def test_rounded_weights_lie_on_the_grid(
     model = setup.merged()
     run = quantize_model(
         model, setup.adapter(), setup.calib, method=method, grid=grid, experts=setup.experts,
-        alpha=0.05, act_order=act_order, progress=False,
+        progress=False, **params_for(method, alpha=0.05, act_order=act_order),
     )  # fmt: skip
     assert_on_grid(model, setup.adapter(), run, grid, act_order)
     merged = dict(setup.merged().named_parameters())
@@ -241,7 +242,8 @@ def test_resume_equals_uninterrupted(
     calib = {task: batches[:1] for task, batches in setup.calib.items()}  # one batch: fast
     grid = QuantGrid(4, group_size=16)
     kwargs = dict(
-        method=method, grid=grid, experts=setup.experts, alpha=0.05, x_source=x_source,
+        method=method, grid=grid, experts=setup.experts, x_source=x_source,
+        **params_for(method, alpha=0.05),
         progress=False,
     )  # fmt: skip
     full = setup.merged()

@@ -17,6 +17,7 @@ from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fix
 from epmq.calib import quantize_model
 from epmq.calib.statistics import FoldedStatistics
 from epmq.quant import QuantGrid
+from solver_params import params_for
 
 SETTINGS = [
     ("gptq", "quantized", "expert"),
@@ -30,7 +31,7 @@ def _quantize(setup: FamilySetup, method: str, x_source: str, target: str, keep:
     model = setup.merged()
     run = quantize_model(
         model, setup.adapter(), setup.calib, method=method, grid=QuantGrid(3, group_size=16),
-        experts=setup.experts, alpha=0.05, x_source=x_source, target=target,
+        experts=setup.experts, x_source=x_source, **params_for(method, alpha=0.05, target=target),
         task_weights=[1.0, 0.5], keep_grams=keep, progress=False,
     )  # fmt: skip
     return model, run

@@ -27,6 +27,7 @@ from epmq.errors import EpmqError
 from epmq.models import adapter_for
 from epmq.models.adapter import CACHE_KWARGS
 from epmq.models.llama import LlamaAdapter, continuation_log_likelihoods, score_continuations
+from solver_params import params_for
 
 SIZES = dict(
     hidden_size=32,
@@ -210,7 +211,7 @@ def test_engine_quantizes_llama(tmp_path) -> None:
         model = with_state(base, merged_state)
         run = quantize_model(
             model, LlamaAdapter(), calib, method=method, grid=QuantGrid(8),
-            experts=folders, alpha=alpha, progress=False,
+            experts=folders, progress=False, **params_for(method, alpha=alpha),
         )  # fmt: skip
         assert len(run.layers) == 2 * 7
         done[method] = model

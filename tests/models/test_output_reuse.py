@@ -13,6 +13,7 @@ import epmq.calib.block
 from epmq.calib import quantize_model
 from epmq.calib.reuse import FinalOutputs
 from epmq.quant import QuantGrid
+from solver_params import params_for
 
 
 class NoReuse(FinalOutputs):
@@ -26,7 +27,8 @@ def _quantize(setup: FamilySetup, method: str, x_source: str) -> tuple[torch.nn.
     model = setup.merged()
     run = quantize_model(
         model, setup.adapter(), setup.calib, method=method, grid=QuantGrid(4, group_size=16),
-        experts=setup.experts, alpha=0.05, x_source=x_source, progress=False,
+        experts=setup.experts, x_source=x_source, progress=False,
+        **params_for(method, alpha=0.05),
     )  # fmt: skip
     return model, run
 

@@ -26,6 +26,7 @@ from epmq.models.t5 import (
     score_label_words,
     shift_right,
 )
+from solver_params import params_for
 
 WORDS = ["yes", "no", "maybe", "great", "film", "bad", "movie", "is", "the", "very"]
 
@@ -258,7 +259,7 @@ def test_engine_quantizes_both_stages() -> None:
         model = with_state(base, merged_state)
         run = quantize_model(
             model, T5Adapter(), calib, method=method, grid=QuantGrid(8),
-            experts=experts, alpha=alpha, progress=False,
+            experts=experts, progress=False, **params_for(method, alpha=alpha),
         )  # fmt: skip
         assert len(run.layers) == 2 * 7 + 2 * 11  # gated FF: wi_0, wi_1, wo
         assert {r.stage for r in run.layers} == {"encoder", "decoder"}

@@ -1,8 +1,9 @@
 """epmq.calib: the layer-wise calibration engine (capture → calibrate → solve → propagate).
 
 :func:`quantize_model` walks a model block by block with a family adapter
-(:mod:`epmq.models`), accumulates per-task Grams of every linear, solves each linear with RTN,
-GPTQ, E-PMQ (or the RegMean / continuous E-PMQ merges) and returns a :class:`CalibrationRun`.
+(:mod:`epmq.models`), accumulates per-task Grams of every linear, solves each linear with a
+registered solver (:mod:`epmq.quant.solvers`: RTN, GPTQ, E-PMQ, the RegMean merge, ...) and
+returns a :class:`CalibrationRun`.
 Expert weights are read one block at a time through :class:`ExpertWeights` sources.
 """
 
@@ -14,10 +15,9 @@ from epmq.calib.expert_weights import (
     as_expert,
 )
 from epmq.calib.records import LayerRecord
-from epmq.calib.solve import METHODS, SolveOptions
+from epmq.calib.solve import SolveOptions
 
 __all__ = [
-    "METHODS",
     "CalibrationRun",
     "ExpertWeights",
     "LayerRecord",

@@ -20,17 +20,12 @@ from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
-from epmq.calib.solve import (
-    LayerProblem,
-    LayerSolution,
-    SolveOptions,
-    fold_weights,
-    solve_layer,
-)
+from epmq.calib.solve import SolveOptions, solve_layer
 from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
+from epmq.quant.solvers import LayerProblem, LayerSolution
 
 Streams = dict[str, list[BlockCall]]
 
@@ -105,7 +100,7 @@ class BlockJob:
         """
         expert_stream = self.x_source == "expert" and calls is not None
         states = None
-        if self.options.method in ("epmq", "regmean") or expert_stream:
+        if self.options.solver.reads_experts or expert_stream:
             states = self.expert_states(linear_only=not expert_stream)
         twins = self.expert_blocks(states) if expert_stream and states is not None else None
         groups = self.adapter.linear_groups(self.block)
@@ -126,8 +121,8 @@ class BlockJob:
                 self.stats_cache.store(self.stage.name, self.index, stats)
             self._solve(names, stats, states, outcome)
         else:
-            # RTN ignores its inputs, so one pass (for the proxy losses) serves every group.
-            sequential = self.true_sequential and self.options.method != "rtn"
+            # A solver that ignores its inputs (RTN) needs one pass, for the proxy losses.
+            sequential = self.true_sequential and self.options.solver.uses_inputs
             plan = groups if sequential else [[n for g in groups for n in g]]
             reuse = FinalOutputs(self.block) if sequential else None  # exact: calib/reuse.py
             for group in plan:
@@ -193,8 +188,9 @@ class BlockJob:
         states: list[dict[str, Tensor]] | None = None,
         reuse: FinalOutputs | None = None,
     ) -> tuple[TaskStatistics, Streams | None]:
-        regmean_expert = self.options.method == "regmean" and twins is not None
-        cross = twins is not None and not regmean_expert
+        solver = self.options.solver
+        regmean_expert = solver.gram_inputs == "expert" and twins is not None
+        cross = twins is not None and not regmean_expert and solver.cross_terms(self.options.params)
         fold = self._fold_weights(names, states)
         stats: TaskStatistics
         if fold is None:
@@ -219,16 +215,17 @@ class BlockJob:
     ) -> dict[str, list[Tensor] | None] | None:
         """Per linear, what its tasks' statistics are folded with while calibrating (see
         :class:`FoldedStatistics`): the experts' weights (E-PMQ), W_m repeated (merged
-        targets) or nothing (S only: GPTQ, RTN). None keeps every per-task Gram instead:
-        RegMean, ``keep_grams`` and a statistics cache need them."""
+        targets) or nothing (S only: GPTQ, RTN), as the solver declares. None keeps every
+        per-task Gram instead: ``grams`` solvers (RegMean), ``keep_grams`` and a statistics
+        cache need them."""
         cached = self.x_source == "merged" and self.stats_cache is not None
-        if self.options.method == "regmean" or self.keep_grams or cached:
+        if self.options.solver.statistics == "grams" or self.keep_grams or cached:
             return None
         fold: dict[str, list[Tensor] | None] = {}
         for name in names:
             experts = None if states is None else [s[f"{name}.weight"] for s in states]
             merged = self.block.get_submodule(name).weight.detach().float()
-            fold[name] = fold_weights(self.options, experts, merged)
+            fold[name] = self.options.target_weights(experts, merged)
         return fold
 
     def _record_tasks(

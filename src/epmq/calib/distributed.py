@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from epmq.calib.solve import LayerSolution
 from epmq.calib.statistics import TaskStatistics
 from epmq.errors import EpmqError
 from epmq.quant import GramAccumulator, QuantGrid, QuantResult
+from epmq.quant.solvers import LayerSolution
 
 SOURCE_RANK = 0
 

@@ -39,16 +39,15 @@ from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights, as_expert
 from epmq.calib.onload import Placement
 from epmq.calib.records import LayerRecord
-from epmq.calib.solve import NEEDS_EXPERTS, SolveOptions
+from epmq.calib.solve import SolveOptions
 from epmq.calib.stats_cache import StatsCache
 from epmq.errors import EpmqError
-from epmq.merging.methods.regmean import REDUCE_RATIO
 from epmq.models.adapter import Batch, BlockAdapter, Stage
 from epmq.quant import QuantGrid, QuantResult
+from epmq.quant.solvers import Solver
 
 logger = logging.getLogger("epmq.calib")
 
-X_SOURCES = ("quantized", "merged", "expert")
 ExpertSource = ExpertWeights | str | Path | Mapping[str, Tensor]
 BlockCallback = Callable[[str, int], None]
 
@@ -83,19 +82,12 @@ def quantize_model(
     adapter: BlockAdapter | None,
     calib: Mapping[str, Sequence[Batch]] | None,
     *,
-    method: str,
+    method: str | Solver,
     grid: QuantGrid | None = None,
     experts: Sequence[ExpertSource] | Mapping[str, ExpertSource] | None = None,
-    alpha: float = 0.1,
     x_source: str = "quantized",
-    target: str = "expert",
-    true_sequential: bool = True,
-    act_order: bool = False,
-    percdamp: float = 0.01,
-    block_size: int = 128,
-    static_groups: bool = False,
-    regmean_scale: float = REDUCE_RATIO,
     task_weights: Sequence[float] | Mapping[str, float] | None = None,
+    true_sequential: bool = True,
     checkpoint_dir: str | Path | None = None,
     output: str | Path | None = None,
     progress: bool = True,
@@ -104,6 +96,7 @@ def quantize_model(
     distributed: bool | None = None,
     stats_cache: StatsCache | None = None,
     device: str | torch.device | None = None,
+    **params: Any,
 ) -> CalibrationRun:
     """Quantize (or merge) ``model``'s linears in place, block by block.
 
@@ -111,18 +104,18 @@ def quantize_model(
         model: the merged model (modified in place).
         adapter: the family adapter (None: :func:`epmq.models.adapter_for`).
         calib: task name → calibration batches (dicts of model inputs). Task order defines the
-            order of ``experts`` and ``task_weights`` given as sequences. ``None`` (RTN only):
-            round every weight without data (the records then carry no proxy loss).
-        method: ``rtn``, ``gptq``, ``epmq`` or ``regmean`` (a merge, no rounding).
-        grid: the quantization grid; ``None`` with ``epmq`` writes the continuous target W*.
+            order of ``experts`` and ``task_weights`` given as sequences. ``None`` (solvers
+            that ignore their inputs, RTN): round every weight without data (the records then
+            carry no proxy loss).
+        method: a registered solver (:func:`epmq.quant.solvers.list_solvers`: ``rtn``,
+            ``gptq``, ``epmq``, ``regmean``, ...), by name.
+        grid: the quantization grid (as the solver declares it: required, optional — E-PMQ
+            without a grid writes the continuous target W* — or none for merges).
         experts: one weight source per task (``ExpertWeights``, a safetensors folder, or a
             state dict), as a sequence in task order or a mapping by task name.
-        alpha: E-PMQ anchor, ``λ = α · mean(diag Σ w_i H_i)`` per layer.
         x_source: ``quantized``, ``merged`` or ``expert`` (see module docs).
-        target: ``expert`` or ``merged`` (E-PMQ ablation: targets ``W_m X_i``).
-        true_sequential: solve the adapter's linear groups one after another.
-        act_order, percdamp, block_size, static_groups: GPTQ settings.
         task_weights: ``w_i`` per task (default 1 each).
+        true_sequential: solve the adapter's linear groups one after another.
         checkpoint_dir: save each finished block there; a rerun resumes after the last one.
         output: write the JSON record of the run there.
         progress: show a tqdm bar over blocks.
@@ -130,7 +123,7 @@ def quantize_model(
             name, e.g. for a RegMean merge).
         on_block_end: called with ``(stage name, block index)`` after each finished block.
         distributed: sum the statistics over the ``torch.distributed`` ranks, each holding its
-            own shard of ``calib``, and share rank 0's solutions (:mod:`epmq.calib.distributed`);
+            own shard of ``calib``, and share the solves (:mod:`epmq.calib.distributed`);
             ``None``: when a process group is initialised.
         stats_cache: statistics of the merged stream shared by several runs on the same
             merged model and data (``x_source="merged"`` only): the first run fills it, later
@@ -139,33 +132,24 @@ def quantize_model(
             is). When it is not where the model is, the model stays there and each block is
             onloaded for its lifecycle, the activations and statistics live on the device, and
             the results come back to the model's device (:mod:`epmq.calib.onload`).
+        **params: the solver's declared parameters (E-PMQ: ``alpha``, ``target``; GPTQ:
+            ``act_order``, ``percdamp``, ``block_size``, ``static_groups``; RegMean:
+            ``reduce_ratio``), validated against its declaration; defaults fill the rest.
     """
     start = time.perf_counter()
     if adapter is None:
         from epmq.models import adapter_for
 
         adapter = adapter_for(model)
-    if calib is None and method != "rtn":
-        raise EpmqError(f"method {method!r} needs calibration data (only rtn runs without)")
     tasks = [] if calib is None else _check_calib(calib)
-    options = SolveOptions(
-        method=method,
-        grid=grid,
-        alpha=alpha,
-        target=target,
-        task_weights=_task_weights(task_weights, tasks),
-        act_order=act_order,
-        percdamp=percdamp,
-        block_size=block_size,
-        static_groups=static_groups,
-        regmean_scale=regmean_scale,
-    )
-    options.validate()
-    if x_source not in X_SOURCES:
-        raise EpmqError(f"x_source must be one of {', '.join(X_SOURCES)}, got {x_source!r}")
+    options = SolveOptions.of(method, params, grid, _task_weights(task_weights, tasks))
+    solver = options.solver
+    if calib is None and solver.uses_inputs:
+        raise EpmqError(f"method {solver.name!r} needs calibration data (only rtn runs without)")
+    solver.check_x_source(x_source)
     if stats_cache is not None and x_source != "merged":
         raise EpmqError("a statistics cache holds merged-stream statistics: use x_source='merged'")
-    required = method in NEEDS_EXPERTS or x_source == "expert"
+    required = solver.reads_experts or x_source == "expert"
     expert_list = None if calib is None else _experts(experts, tasks, required=required)
     check_finite_model(model)
     stages = adapter.stages(model)
@@ -346,20 +330,17 @@ def _settings(
     experts: list[ExpertWeights] | None,
     stages: list[Stage],
 ) -> dict[str, Any]:
+    """What determines the run's result: the solver and its parameters (flat, by their
+    declared names), the grid, the X-source, the tasks and the stages."""
     grid = options.grid
     return {
         "method": options.method,
+        **options.params,
         "grid": None
         if grid is None
         else {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric},
-        "alpha": options.alpha,
-        "target": options.target,
         "x_source": x_source,
         "true_sequential": true_sequential,
-        "act_order": options.act_order,
-        "percdamp": options.percdamp,
-        "block_size": options.block_size,
-        "static_groups": options.static_groups,
         "task_weights": options.task_weights,
         "tasks": {t: len(calib[t]) for t in tasks},
         "experts": None if experts is None else [e.name for e in experts],

@@ -35,6 +35,7 @@ from epmq.experiment.config import ExperimentConfig, MergeSpec
 from epmq.experiment.journal import Journal
 from epmq.experiment.plan import SWEEP, Variant, plan_experiment
 from epmq.experiment.workload import Workload
+from epmq.quant.solvers import get_solver
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def _build_merge(
             workload.calibration,
             method="regmean",
             experts=sources or _expert_sources(workload),
-            regmean_scale=float(merge.params.get("reduce_ratio", REDUCE_RATIO)),
+            reduce_ratio=float(merge.params.get("reduce_ratio", REDUCE_RATIO)),
             progress=progress,
             device=config.device,
         )
@@ -353,25 +354,29 @@ def _quantized_copy(
         grid = QuantGrid(
             bits=variant.bits or 4, group_size=variant.group_size or -1, symmetric=q.symmetric
         )
-    needs_experts = variant.quantizer == "epmq" or variant.kind == "target"
+    solver = get_solver(variant.quantizer or "epmq")
     x_source = variant.x_source or "quantized"
+    settings = {
+        "alpha": variant.alpha if variant.alpha is not None else q.alpha,
+        "target": variant.target or "expert",
+        "act_order": q.act_order,
+        "percdamp": q.percdamp,
+        "block_size": q.block_size,
+    }
+    declared = {p.name for p in solver.params}
     run = quantize_model(
         model,
         None,
-        None if variant.quantizer == "rtn" else workload.calibration,
-        method=variant.quantizer or "epmq",
+        workload.calibration if solver.uses_inputs else None,
+        method=solver,
         grid=grid,
-        experts=(sources or _expert_sources(workload)) if needs_experts else None,
-        alpha=variant.alpha if variant.alpha is not None else q.alpha,
+        experts=(sources or _expert_sources(workload)) if solver.reads_experts else None,
         x_source=x_source,
-        target=variant.target or "expert",
         true_sequential=q.true_sequential,
-        act_order=q.act_order,
-        percdamp=q.percdamp,
-        block_size=q.block_size,
         progress=progress,
         stats_cache=cache if x_source == "merged" else None,
         device=config.device,
+        **{k: v for k, v in settings.items() if k in declared},
     )
     return model.eval(), run
 

@@ -1,0 +1,3 @@
+"""The built-in solvers: importing this module registers each (one module per solver)."""
+
+from epmq.quant.solvers import epmq, gptq, regmean, rtn  # noqa: F401

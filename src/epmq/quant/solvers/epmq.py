@@ -1,0 +1,52 @@
+"""E-PMQ: GPTQ of the expert-guided target under the anchored Hessian.
+
+    H  = Σ_i w_i H_i + λ I,   λ = α · mean(diag Σ_i w_i H_i)
+    W* = (Σ_i w_i W_i H_i + λ W_m) H⁻¹        (W_i C_i in place of W_i H_i with X = expert)
+
+Without a grid no rounding happens and ``W*`` itself is written (the continuous target, a merge
+in its own right). ``target=merged`` replaces every expert weight by the merged one (the "does
+expert guidance matter?" ablation: targets ``W_m X_i``, and then ``W* = W_m``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from epmq.params import Param
+from epmq.quant.gptq import gptq
+from epmq.quant.grid import QuantGrid
+from epmq.quant.loss import proxy_loss
+from epmq.quant.solvers.gptq import GPTQ_PARAMS, gptq_settings
+from epmq.quant.solvers.registry import LayerProblem, LayerSolution, register_solver, solution_of
+from epmq.quant.target import target_from_sums
+
+PARAMS = (
+    Param("alpha", float, 0.1, "anchor strength α toward the merged weights", low=0.0),
+    Param("target", str, "expert", "whose outputs are the targets", ("expert", "merged")),
+    *GPTQ_PARAMS,
+)
+
+
+@register_solver(
+    "epmq",
+    params=PARAMS,
+    summary="E-PMQ: GPTQ of the expert-guided target W* (anchored to the merge)",
+    grid="optional",
+    statistics="target",
+    reads_experts=True,
+    expert_targets=lambda params: params["target"] == "expert",
+)
+def epmq_solver(
+    problem: LayerProblem, grid: QuantGrid | None, params: Mapping[str, Any]
+) -> LayerSolution:
+    assert problem.sums is not None
+    start = time.perf_counter()
+    w_star, h = target_from_sums(problem.sums, problem.merged, alpha=params["alpha"])
+    if grid is None:  # the continuous target W* as a merge
+        loss = proxy_loss(w_star, problem.merged, h)
+        return LayerSolution(w_star, None, loss, 0.0, 0, time.perf_counter() - start)
+    result = gptq(w_star, h, grid, **gptq_settings(params))
+    result.seconds = time.perf_counter() - start  # the target's solve included
+    return solution_of(result)

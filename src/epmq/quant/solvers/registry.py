@@ -1,0 +1,205 @@
+"""The registry of quantization solvers, by name: one file per solver under this package.
+
+A solver is a plain function over one linear layer::
+
+    @register_solver("gptq", params=GPTQ_PARAMS, grid="required", statistics="hessian")
+    def gptq_solver(problem, grid, params):
+        return solution_of(gptq(problem.merged, problem.sums.s, grid, **gptq_settings(params)))
+
+``problem`` is a :class:`LayerProblem` (the merged weight, the folded statistics, the experts'
+weights when the solver reads them), ``grid`` the quantization grid (None for a solver that
+does not round, or where rounding is optional), ``params`` the solver's declared parameters,
+validated and filled with defaults. The function returns a :class:`LayerSolution`.
+
+What the calibration engine must collect for a solver is declared with it, and the engine reads
+only these declarations (it never compares names):
+
+- ``grid``: ``required`` (it rounds), ``optional`` (without a grid it writes an unrounded
+  target, a merge in its own right) or ``none`` (a merge, never rounds);
+- ``statistics``: ``hessian`` (``S = Σ_i w_i H_i``), ``target`` (also
+  ``B = Σ_i w_i W_i H_i``; ``expert_targets(params)`` says whether ``W_i`` is each task's
+  expert, with ``W_i C_i`` when the expert activation stream runs, or the merged weight
+  ``W_m`` (targets ``W_m X_i``)) or ``grams`` (the per-task Grams kept);
+- ``reads_experts``: its solve needs the experts' weights of the layer;
+- ``uses_inputs``: False when the inputs only feed the reported loss (RTN): such a solver runs
+  without calibration data and needs one pass per block;
+- ``gram_inputs``: ``expert`` when, with the expert activation stream, its Grams are taken of
+  the experts' own inputs (RegMean's), else ``model``;
+- ``x_sources``: the X-sources it supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+from epmq.errors import EpmqError
+from epmq.params import Declared, Param
+from epmq.quant.grid import QuantGrid
+from epmq.quant.result import QuantResult
+from epmq.quant.target import TargetSums
+
+X_SOURCES = ("quantized", "merged", "expert")
+GridNeed = Literal["required", "optional", "none"]
+StatisticsNeed = Literal["hessian", "target", "grams"]
+
+
+@dataclass
+class LayerProblem:
+    """One linear layer: merged weight, folded statistics, per-task Grams, experts' weights.
+
+    ``sums`` and ``grams`` are None without calibration data (RTN); ``grams`` (and ``crosses``
+    with the expert stream) are set for ``grams`` solvers and when the engine kept them.
+    """
+
+    name: str
+    merged: Tensor
+    grams: list[Tensor] | None
+    crosses: list[Tensor] | None
+    experts: list[Tensor] | None
+    #: ``S`` and ``B`` folded from the statistics (calib/statistics.py)
+    sums: TargetSums | None = None
+
+
+@dataclass
+class LayerSolution:
+    """The weight to write back, the quantization result (None for merges), the figures."""
+
+    weight: Tensor
+    result: QuantResult | None
+    proxy_loss: float
+    damping: float
+    damping_retries: int
+    seconds: float
+
+
+SolveFn = Callable[[LayerProblem, QuantGrid | None, Mapping[str, Any]], LayerSolution]
+ExpertTargets = Callable[[Mapping[str, Any]], bool]
+
+
+def _always(params: Mapping[str, Any]) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Solver(Declared):
+    """A registered solver: its function, parameters and what it needs (module docs)."""
+
+    fn: SolveFn
+    grid: GridNeed = "required"
+    statistics: StatisticsNeed = "hessian"
+    reads_experts: bool = False
+    uses_inputs: bool = True
+    gram_inputs: Literal["model", "expert"] = "model"
+    x_sources: tuple[str, ...] = X_SOURCES
+    expert_targets: ExpertTargets = _always
+
+    @property
+    def rounds(self) -> bool:
+        """Whether the solver can round (its results are quantized linears)."""
+        return self.grid != "none"
+
+    def check_grid(self, grid: QuantGrid | None) -> None:
+        """Raise :class:`EpmqError` when ``grid`` does not fit the solver's declaration."""
+        if grid is None and self.grid == "required":
+            raise EpmqError(f"method {self.name!r} needs a quantization grid")
+        if grid is not None and self.grid == "none":
+            raise EpmqError(f"method {self.name!r} does not round: give no grid")
+
+    def check_x_source(self, x_source: str) -> None:
+        if x_source not in X_SOURCES:
+            raise EpmqError(f"x_source must be one of {', '.join(X_SOURCES)}, got {x_source!r}")
+        if x_source not in self.x_sources:
+            raise EpmqError(
+                f"method {self.name!r} supports x_source {', '.join(self.x_sources)}, "
+                f"not {x_source!r}"
+            )
+
+    def weights_for_target(
+        self, params: Mapping[str, Any], experts: Sequence[Tensor] | None, merged: Tensor
+    ) -> list[Tensor] | None:
+        """What each task's B term is folded with: the experts' weights, or ``W_m`` repeated
+        (merged targets); None without ``target`` statistics (S is all the solver needs)."""
+        if self.statistics != "target":
+            return None
+        if experts is None:
+            raise EpmqError(f"method {self.name!r} needs the experts' weights")
+        return list(experts) if self.expert_targets(params) else [merged] * len(experts)
+
+    def cross_terms(self, params: Mapping[str, Any]) -> bool:
+        """Whether B takes the expert stream's cross terms ``C_i`` (expert targets only)."""
+        return self.statistics == "target" and self.expert_targets(params)
+
+
+_REGISTRY: dict[str, Solver] = {}
+
+
+def register_solver(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    summary: str = "",
+    grid: GridNeed = "required",
+    statistics: StatisticsNeed = "hessian",
+    reads_experts: bool = False,
+    uses_inputs: bool = True,
+    gram_inputs: Literal["model", "expert"] = "model",
+    x_sources: Sequence[str] = X_SOURCES,
+    expert_targets: ExpertTargets = _always,
+) -> Callable[[SolveFn], SolveFn]:
+    """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
+
+    def decorate(fn: SolveFn) -> SolveFn:
+        if name in _REGISTRY:
+            raise ValueError(f"solver {name!r} registered twice")
+        _REGISTRY[name] = Solver(
+            name=name,
+            params=tuple(params),
+            summary=summary or (fn.__doc__ or "").strip().splitlines()[0],
+            fn=fn,
+            grid=grid,
+            statistics=statistics,
+            reads_experts=reads_experts,
+            uses_inputs=uses_inputs,
+            gram_inputs=gram_inputs,
+            x_sources=tuple(x_sources),
+            expert_targets=expert_targets,
+        )
+        return fn
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    import epmq.quant.solvers.builtin  # noqa: F401  (registers the built-in solvers)
+
+
+def get_solver(name: str | Solver) -> Solver:
+    """The solver registered as ``name``; unknown names raise :class:`EpmqError`."""
+    if isinstance(name, Solver):
+        return name
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise EpmqError(f"unknown method {name!r}; valid methods: {', '.join(list_solvers())}")
+    return _REGISTRY[name]
+
+
+def list_solvers(*, rounding: bool | None = None) -> list[str]:
+    """Names of the registered solvers, sorted (``rounding=True``: only those that round)."""
+    _load_builtin()
+    return sorted(n for n, s in _REGISTRY.items() if rounding is None or s.rounds == rounding)
+
+
+def solution_of(result: QuantResult) -> LayerSolution:
+    """The solution of a rounding solver from its :class:`QuantResult`."""
+    return LayerSolution(
+        result.weight,
+        result,
+        float(result.proxy_loss),
+        float(result.damping),
+        int(result.damping_retries),
+        float(result.seconds),
+    )
