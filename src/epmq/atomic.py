@@ -3,7 +3,9 @@
 Files are written to a hidden temporary sibling and renamed into place (``os.replace`` is
 atomic on POSIX). Output folders are built under a hidden ``.<name>.partial-<pid>`` sibling
 and renamed when complete, so a run killed half-way never leaves a folder that looks
-finished. Existing outputs are never overwritten unless the caller passes ``force=True``.
+finished. Existing outputs are never overwritten unless the caller passes ``force=True``, and
+no output may equal, contain or lie inside one of the command's inputs
+(:func:`refuse_overlap`), so ``--force`` can never delete a config, a model or data.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,27 @@ def refuse_stopped_run(path: str | Path, *, resume: bool, force: bool) -> None:
     if partial.exists() and not (resume or force):
         raise EpmqError(
             f"a stopped run left {partial}; pass --resume to continue it or --force to start over"
+        )
+
+
+def refuse_overlap(output: str | Path, inputs: Iterable[tuple[str, str | Path]]) -> None:
+    """Raise when ``output`` equals, contains or lies inside one of the labelled ``inputs``
+    (``(label, path)`` pairs, e.g. ``("base model", path)``), after resolving symlinks and
+    relative paths; the error names both. Call it before any work: an output replaced with
+    ``force`` would otherwise delete the inputs."""
+    target = Path(output).expanduser().resolve()
+    for label, path in inputs:
+        source = Path(path).expanduser().resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise EpmqError(
+            f"output {output} {relation} the {label} {path}; choose an output apart from the inputs"
         )
 
 

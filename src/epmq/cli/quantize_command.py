@@ -175,7 +175,7 @@ def quantize_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Quantize a merged model's linear layers (RTN, GPTQ or E-PMQ) and export --out."""
-    from epmq.atomic import refuse_existing
+    from epmq.atomic import refuse_existing, refuse_overlap
     from epmq.calib.text_data import parse_task_paths
 
     for flag, value in (("--model", model), ("--method", method), ("--bits", bits), ("--out", out)):
@@ -188,11 +188,13 @@ def quantize_command(
     _check_options(method, bits, group_size, alpha, x_source, target, fmt, dtype, sizes)
     if not model.is_dir():
         raise EpmqError(f"--model folder {model} does not exist")
-    if out.resolve() == model.resolve():
-        raise EpmqError("--out must differ from --model")
-    refuse_existing(out, force)
     calib_files = parse_task_paths(calib, "--calib")
     expert_dirs = parse_task_paths(expert or [], "--expert")
+    inputs = [("--model folder", model), ("--tokenizer folder", tokenizer or model)]
+    inputs += [(f"--calib {task} file", file) for task, file in calib_files.items()]
+    inputs += [(f"--expert {task} folder", folder) for task, folder in expert_dirs.items()]
+    refuse_overlap(out, inputs)
+    refuse_existing(out, force)
     needs = method == "epmq" or x_source == "expert"
     why = "method epmq" if method == "epmq" else "--x-source expert"
     _check_tasks(calib_files, expert_dirs, needs, why)

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from epmq.errors import EpmqError
 
@@ -178,6 +186,22 @@ class ExperimentConfig(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    _source: Path | None = PrivateAttr(default=None)  # the YAML file, when read from one
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        """Every file and folder the experiment reads, labelled (for
+        :func:`epmq.atomic.refuse_overlap`): the config file, base, experts, heads, task data."""
+        found: list[tuple[str, Path]] = []
+        if self._source is not None:
+            found.append(("config file", self._source))
+        if self.base is not None:
+            found.append(("base model", self.base.path))
+        for expert in self.experts:
+            found.append((f"expert {expert.name}", expert.path))
+            if expert.head is not None:
+                found.append((f"head of expert {expert.name}", expert.head))
+        found.extend((f"data of task {task.name}", task.data) for task in self.tasks)
+        return found
 
     @model_validator(mode="after")
     def _models_and_tasks_agree(self) -> ExperimentConfig:
@@ -238,6 +262,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise EpmqError(f"{path}: not valid YAML{where}") from None
     config = parse_config(data, source=str(path))
+    config._source = path
     return _resolve_paths(config, path.parent)
 
 
