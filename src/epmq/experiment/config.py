@@ -66,6 +66,7 @@ class TaskSpec(_Strict):
     prompt: str | None = None
     label_words: list[str] | None = None
     templates: list[str] | None = None
+    allow_pickle: bool = False  # npz object arrays are unpickled only then (unsafe)
 
     @field_validator("prompt")
     @classmethod
