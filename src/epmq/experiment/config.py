@@ -252,7 +252,8 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config; relative paths resolve against the file's folder."""
+    """Read and validate a YAML config; relative paths resolve against the file's folder, to
+    absolute paths (the same config reads the same from any working directory)."""
     path = Path(path)
     if not path.is_file():
         raise EpmqError(f"config file {path} does not exist")
@@ -264,19 +265,21 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise EpmqError(f"{path}: not valid YAML{where}") from None
     config = parse_config(data, source=str(path))
     config._source = path
-    return _resolve_paths(config, path.parent)
+    return _resolve_paths(config, path.resolve().parent)
 
 
 def _resolve_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
-    def resolve(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (root / p)
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else root / p
 
     if config.base is not None:
-        config.base.path = resolve(config.base.path) or config.base.path
+        config.base.path = resolve(config.base.path)
     for expert in config.experts:
-        expert.path = resolve(expert.path) or expert.path
-        expert.head = resolve(expert.head)
+        expert.path = resolve(expert.path)
+        if expert.head is not None:
+            expert.head = resolve(expert.head)
     for task in config.tasks:
-        task.data = resolve(task.data) or task.data
-    config.output.dir = resolve(config.output.dir) or config.output.dir
+        task.data = resolve(task.data)
+    config.output.dir = resolve(config.output.dir)
     return config
