@@ -50,6 +50,15 @@ output: {dir: out}
             "experts.0.task: unknown task 'nope'",
         ),
         ("suite: text8\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+        ("suite: text8\nmerges: [{method: tie}]\n", "merges.0: unknown merge method 'tie'"),
+        (
+            "suite: text8\nmerges: [{method: ties, params: {densty: 0.2}}]\n",
+            "merges.0: method 'ties' has no parameter 'densty'",
+        ),
+        (
+            "suite: text8\nmerges: [{method: ties, params: {density: 2}}]\n",
+            "merges.0: method 'ties': parameter 'density' must be in (0.0, 1.0]",
+        ),
         ("suite: text8\nevaluation: {dtype: float16}\n", "evaluation.dtype"),
         ("- just\n- a list\n", "expected a mapping"),
         ("suite: [unclosed\n", "not valid YAML"),

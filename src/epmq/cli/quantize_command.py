@@ -81,26 +81,6 @@ def _check_tasks(
                 raise EpmqError(f"{why} needs an expert for task {task!r} (--expert {task}=DIR)")
 
 
-def check_group_size(model: Any, adapter: Any, group_size: int) -> int:
-    """Raise unless ``group_size`` divides the input width of every linear to be quantized;
-    returns how many linears that is."""
-    count = 0
-    for stage in adapter.stages(model):
-        for index, block in enumerate(adapter.blocks(model, stage)):
-            for group in adapter.linear_groups(block):
-                for name in group:
-                    width = block.get_submodule(name).in_features
-                    count += 1
-                    if group_size > 0 and width % group_size:
-                        raise EpmqError(
-                            f"--group-size {group_size} does not divide the input width {width} "
-                            f"of {stage.blocks_path}.{index}.{name}; use a divisor of it or -1"
-                        )
-    if count == 0:
-        raise EpmqError(f"model {type(model).__name__} has no linear layers to quantize")
-    return count
-
-
 def _load(model_dir: Path) -> tuple[Any, Any, str]:
     from transformers.utils import logging as hf_logging
 
@@ -228,10 +208,11 @@ def run_quantize(
     from epmq.calib import SafetensorsExpert, quantize_model
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
     from epmq.export import export_checkpoint
+    from epmq.models.adapter import check_group_sizes
     from epmq.quant import QuantGrid
 
     model, adapter, family = _load(model_dir)
-    n_linears = check_group_size(model, adapter, group_size)
+    n_linears = check_group_sizes(model, adapter, [group_size], "--group-size")
     tok = load_tokenizer(tokenizer_dir)
     batches, calib_info = load_calibration(
         tok, calib_files, size=calib_size, max_length=max_length, batch_size=batch_size,

@@ -25,6 +25,9 @@ def run(
 
     parsed = load_config(config)
     if check:
+        from epmq.experiment.session import check_models
+
+        check_models(parsed)
         typer.echo(f"{config}: valid ({len(parsed.merges)} merges)")
         return
     from epmq.experiment.session import run_session

@@ -189,6 +189,10 @@ class ExperimentConfig(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     _source: Path | None = PrivateAttr(default=None)  # the YAML file, when read from one
 
+    def where(self, field: str) -> str:
+        """``field`` prefixed with the config file it came from (for one-line errors)."""
+        return f"{self._source or 'config'}: {field}"
+
     def inputs(self) -> list[tuple[str, Path]]:
         """Every file and folder the experiment reads, labelled (for
         :func:`epmq.atomic.refuse_overlap`): the config file, base, experts, heads, task data."""
@@ -203,6 +207,18 @@ class ExperimentConfig(_Strict):
                 found.append((f"head of expert {expert.name}", expert.head))
         found.extend((f"data of task {task.name}", task.data) for task in self.tasks)
         return found
+
+    @model_validator(mode="after")
+    def _merges_valid(self) -> ExperimentConfig:
+        """Every merge names a known method with valid parameters (before any work)."""
+        from epmq.merging import get_method
+
+        for i, merge in enumerate(self.merges):
+            try:
+                get_method(merge.method).resolve(merge.params, len(self.experts) or None)
+            except EpmqError as exc:
+                raise ValueError(f"merges.{i}: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _models_and_tasks_agree(self) -> ExperimentConfig:

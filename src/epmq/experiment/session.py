@@ -58,6 +58,21 @@ def session_inputs(config: ExperimentConfig, cache_dir: Path | None) -> list[tup
     return [*config.inputs(), ("suite cache", cache_dir or default_cache_root())]
 
 
+def check_models(config: ExperimentConfig) -> None:
+    """What ``epmq run --check`` reads beyond the config: every group size must divide every
+    linear of the base (a user's base folder; the built-in suites' models fit their grids)."""
+    if config.base is None:
+        return
+    from epmq.models.adapter import check_group_sizes
+    from epmq.models.registry import load_model
+    from epmq.suites.classifier import quiet_transformers
+
+    with quiet_transformers():
+        model, adapter = load_model(config.base.path)
+    sizes = config.quantization.group_sizes
+    check_group_sizes(model, adapter, sizes, config.where("quantization.group_sizes"))
+
+
 def run_session(
     config: ExperimentConfig,
     *,
