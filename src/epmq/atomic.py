@@ -3,23 +3,33 @@
 Files are written to a hidden temporary sibling and renamed into place (``os.replace`` is
 atomic on POSIX). Output folders are built under a hidden ``.<name>.partial-<pid>`` sibling
 and renamed when complete, so a run killed half-way never leaves a folder that looks
-finished. Existing outputs are never overwritten unless the caller passes ``force=True``.
+finished; such a folder left by a killed run (SIGTERM, SIGKILL) is removed by the next run
+once its process is gone. Files get the mode the user's umask gives. Existing outputs are
+never overwritten unless the caller passes ``force=True``, and no output may equal, contain or
+lie inside one of the command's inputs (:func:`refuse_overlap`), so ``--force`` can never
+delete a config, a model or data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from epmq.errors import EpmqError
+
+# The process's umask, read once at import (reading it means setting it): files written through
+# a temporary file get the mode open() would give them, not mkstemp's private 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def partial_dir(path: str | Path) -> Path:
@@ -38,6 +48,27 @@ def refuse_stopped_run(path: str | Path, *, resume: bool, force: bool) -> None:
         )
 
 
+def refuse_overlap(output: str | Path, inputs: Iterable[tuple[str, str | Path]]) -> None:
+    """Raise when ``output`` equals, contains or lies inside one of the labelled ``inputs``
+    (``(label, path)`` pairs, e.g. ``("base model", path)``), after resolving symlinks and
+    relative paths; the error names both. Call it before any work: an output replaced with
+    ``force`` would otherwise delete the inputs."""
+    target = Path(output).expanduser().resolve()
+    for label, path in inputs:
+        source = Path(path).expanduser().resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise EpmqError(
+            f"output {output} {relation} the {label} {path}; choose an output apart from the inputs"
+        )
+
+
 def refuse_existing(path: str | Path, force: bool) -> None:
     """Raise a clear error when ``path`` exists and ``force`` is not given."""
     path = Path(path)
@@ -52,6 +83,7 @@ def write_bytes(path: str | Path, data: bytes, *, force: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -88,6 +120,30 @@ def save_tensors(
     return write_bytes(path, save(payload, metadata=dict(metadata or {})), force=force)
 
 
+def remove_orphans(path: str | Path) -> list[Path]:
+    """Remove the ``.<name>.partial-<pid>`` folders beside ``path`` whose process is gone (a
+    run killed by SIGTERM or SIGKILL cannot clean up after itself); returns them. A folder of
+    a live process (another run building the same output) is left alone."""
+    path = Path(path)
+    removed = []
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def output_dir(
     path: str | Path, *, force: bool = False, resumable: bool = False, resume: bool = False
@@ -112,6 +168,7 @@ def output_dir(
             shutil.rmtree(partial)
         partial.mkdir(exist_ok=True)
     else:
+        remove_orphans(path)
         partial = path.parent / f".{path.name}.partial-{os.getpid()}"
         if partial.exists():
             shutil.rmtree(partial)

@@ -73,6 +73,17 @@ def test_run_from_folders_equals_run_from_state_dicts(setup: Setup, tmp_path) ->
         assert torch.equal(x, y), name
 
 
-def test_folder_without_safetensors(tmp_path) -> None:
-    with pytest.raises(EpmqError, match=r"no \*\.safetensors"):
+def test_folder_without_weights(tmp_path) -> None:
+    with pytest.raises(EpmqError, match=r"expert 'empty': .*no model\.safetensors"):
         SafetensorsExpert(tmp_path, name="empty")
+
+
+def test_bin_weights_with_a_head_file_beside_them(setup: Setup, tmp_path) -> None:
+    """The head.safetensors beside pytorch_model.bin is not the model: the .bin is read."""
+    state = {k: v.contiguous() for k, v in setup.experts[0].items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    save_file({"weight": torch.zeros(2, 32), "bias": torch.zeros(2)}, tmp_path / "head.safetensors")
+    expert = SafetensorsExpert(tmp_path, name="binary")
+    assert set(expert.keys()) == set(state)
+    name = "encoder.layer.1.output.dense.weight"
+    assert torch.equal(expert.tensor(name), state[name])

@@ -181,3 +181,52 @@ def test_npz_label_outside_classes_names_the_array(tmp_path: Path) -> None:
     message = _error("t", path, "npz", classes=["a", "b"])
     expected = f"{path} [y_test], example 1: label 4 is not one of the 2 classes ['a', 'b']"
     assert re.search(re.escape(expected), message)
+
+
+class _Payload:
+    """Unpickling it creates ``marker``: what a crafted object array can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+def _crafted_npz(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "code-ran"
+    texts = np.empty(2, dtype=object)
+    texts[:] = [_Payload(marker), "b"]
+    path = tmp_path / "d.npz"
+    np.savez(path, **{k: np.asarray(v) for k, v in _arrays().items() if k != "x_train"},
+             x_train=texts)  # fmt: skip
+    return path, marker
+
+
+def test_npz_object_array_refused_without_opt_in(tmp_path: Path) -> None:
+    path, marker = _crafted_npz(tmp_path)
+    message = _error("t", path, "npz")
+    assert f"{path}: array 'x_train' is an object array, which only pickle reads" in message
+    assert "np.array(texts, dtype=str)" in message and "allow_pickle: true" in message
+    assert not marker.exists()  # nothing was unpickled
+
+
+def test_npz_object_array_unpickled_only_with_opt_in(tmp_path: Path) -> None:
+    path, marker = _crafted_npz(tmp_path)
+    assert "x_train holds a" in _error("t", path, "npz", allow_pickle=True)
+    assert marker.exists()  # the opt-in is what lets the file run code
+
+
+def test_task_config_allow_pickle_reaches_the_reader(tmp_path: Path) -> None:
+    from epmq.experiment.config import parse_config
+    from epmq.experiment.folders import read_tasks
+
+    path = tmp_path / "d.npz"
+    arrays = {k: np.asarray(v) for k, v in _arrays().items()}
+    np.savez(path, **{**arrays, "x_test": np.array(["c"], dtype=object)})
+    task = {"name": "t", "data": str(path), "format": "npz"}
+    config = {"base": {"path": "b"}, "experts": [{"name": "e", "path": "e", "task": "t"}]}
+    with pytest.raises(EpmqError, match="array 'x_test' is an object array"):
+        read_tasks(parse_config({**config, "tasks": [task]}))
+    data = read_tasks(parse_config({**config, "tasks": [{**task, "allow_pickle": True}]}))
+    assert data["t"].test.inputs == ("c",)

@@ -92,7 +92,7 @@ def test_npz_text(tmp_path: Path) -> None:
         x_calib=np.array([b"e", b"f"]),
         y_calib=np.array([0, 0]),
     )
-    data = read_task_data("t", path, "npz")
+    data = read_task_data("t", path, "npz", allow_pickle=True)  # x_test is an object array
     assert data.modality == "text"
     assert data.train.inputs == ("a", "b", "c") and data.test.inputs == ("d",)
     assert data.calib is not None and data.calib.inputs == ("e", "f")

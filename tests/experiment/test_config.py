@@ -50,6 +50,15 @@ output: {dir: out}
             "experts.0.task: unknown task 'nope'",
         ),
         ("suite: text8\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+        ("suite: text8\nmerges: [{method: tie}]\n", "merges.0: unknown merge method 'tie'"),
+        (
+            "suite: text8\nmerges: [{method: ties, params: {densty: 0.2}}]\n",
+            "merges.0: method 'ties' has no parameter 'densty'",
+        ),
+        (
+            "suite: text8\nmerges: [{method: ties, params: {density: 2}}]\n",
+            "merges.0: method 'ties': parameter 'density' must be in (0.0, 1.0]",
+        ),
         ("suite: text8\nevaluation: {dtype: float16}\n", "evaluation.dtype"),
         ("- just\n- a list\n", "expected a mapping"),
         ("suite: [unclosed\n", "not valid YAML"),
@@ -81,3 +90,37 @@ def test_example_configs_validate(path: Path) -> None:
 
 def test_examples_exist() -> None:
     assert {p.stem for p in EXAMPLES} >= {"text8", "clip-vit-b32-8tasks", "flan-t5-base-glue"}
+
+
+USER_CONFIG = """
+base: {path: models/base}
+experts:
+  - {name: a, path: models/a, task: ta, head: HEAD}
+tasks:
+  - {name: ta, data: data/a.csv, format: csv}
+output: {dir: out}
+"""
+
+
+def test_expert_head_absolute_or_relative(tmp_path: Path) -> None:
+    head = tmp_path / "elsewhere" / "a.safetensors"
+    config = load_config(_write(tmp_path, USER_CONFIG.replace("HEAD", str(head))))
+    assert config.experts[0].head == head  # an absolute head is kept, not dropped
+    config = load_config(_write(tmp_path, USER_CONFIG.replace("HEAD", "heads/a.safetensors")))
+    assert config.experts[0].head == tmp_path / "heads/a.safetensors"
+
+
+def test_same_config_read_from_another_directory_is_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the resume fingerprint holds must not depend on the working directory."""
+    (tmp_path / "project").mkdir()
+    _write(tmp_path / "project", USER_CONFIG.replace("HEAD", "h.safetensors"))
+    monkeypatch.chdir(tmp_path / "project")
+    inside = load_config("run.yaml").model_dump(mode="json")
+    monkeypatch.chdir(tmp_path)
+    beside = load_config("project/run.yaml").model_dump(mode="json")
+    monkeypatch.chdir(tmp_path / "project" / ".." / "project")
+    dotted = load_config("../project/run.yaml").model_dump(mode="json")
+    assert inside == beside == dotted
+    assert inside["base"]["path"] == str((tmp_path / "project").resolve() / "models" / "base")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,29 @@ def test_user_mistake_on_the_command_line(families: dict[str, Family], tmp_path:
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing" in lines[0], done.stderr
+
+
+def test_group_size_that_divides_no_layer(families: dict[str, Family], tmp_path: Path) -> None:
+    """Caught by --check, and by a run before any model is built, naming file, field, layer."""
+    config = config_for(families["bert"], "jsonl", tmp_path)
+    config["quantization"] = {"methods": ["rtn"], "bits": [4], "group_sizes": [-1, 7]}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    message = (
+        f"{path}: quantization.group_sizes 7 does not divide the input width 32 of "
+        "encoder.layer.0.attention.self.query; use a divisor of it or -1"
+    )
+    check = [sys.executable, "-m", "epmq", "run", str(path), "--check"]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr
+    from epmq.experiment.config import load_config
+
+    lines: list[str] = []
+    with pytest.raises(EpmqError, match=re.escape(message)):
+        run_session(load_config(path), progress=False, announce=lines.append)
+    assert not any("average" in line for line in lines)  # no model was evaluated
+    assert not (tmp_path / "report").exists()
 
 
 def test_quantized_variants_are_exported(families: dict[str, Family], tmp_path: Path) -> None:

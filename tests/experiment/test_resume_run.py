@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,37 @@ def test_resume_reuses_a_partial_folder_stopped_before_any_model(
         _run(_config(out), cache_dir)
     results, folder = _run(_config(out), cache_dir, resume=True)
     assert folder.is_dir() and not partial_dir(out).exists() and results.rows
+
+
+def test_export_redone_after_a_stop_is_listed_once(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after a variant's export and before its row: the resumed run redoes it, and
+    report.md / results.json list it once, as the uninterrupted run does."""
+    from epmq.experiment.exports import VariantExporter
+
+    reference, _ = _run(_config(tmp_path / "reference"), cache_dir)
+    export = VariantExporter.__call__
+    calls: list[int] = []
+
+    def stop_after_second_export(self: VariantExporter, variant: Any, model: Any, run: Any) -> None:
+        before = len(self.written)
+        export(self, variant, model, run)
+        if len(self.written) > before:
+            calls.append(1)
+            if len(calls) == 2:
+                raise Stop
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(VariantExporter, "__call__", stop_after_second_export)
+        with pytest.raises(Stop):
+            _run(_config(out), cache_dir)
+    resumed, _ = _run(_config(out), cache_dir, resume=True)
+    folders = [e["folder"] for e in resumed.settings["exports"]]
+    assert folders == [e["folder"] for e in reference.settings["exports"]]
+    assert len(set(folders)) == len(folders)
+    saved = json.loads((out / "results.json").read_text())["settings"]["exports"]
+    assert [e["folder"] for e in saved] == folders
+    report = (out / "report.md").read_text()
+    assert all(report.count(f"`{folder}`") == 1 for folder in folders)

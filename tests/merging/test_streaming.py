@@ -128,6 +128,21 @@ def test_bin_only_base_is_loaded_whole(tiny_models: dict, tmp_path: Path) -> Non
     assert not (out / "pytorch_model.bin").exists()
 
 
+def test_bin_expert_with_a_head_file_beside_it(tiny_models: dict, tmp_path: Path) -> None:
+    """head.safetensors beside pytorch_model.bin is a task head, not the expert's weights."""
+    expert = tmp_path / "bin_expert"
+    expert.mkdir()
+    src = tiny_models["expert_dirs"][0]
+    (expert / "config.json").write_text((src / "config.json").read_text())
+    torch.save(load_file(src / "model.safetensors"), expert / "pytorch_model.bin")
+    save_file({"weight": torch.zeros(2, 32), "bias": torch.zeros(2)}, expert / "head.safetensors")
+    base, others = tiny_models["root"] / "base", tiny_models["expert_dirs"][1:]
+    out = merge_checkpoints(base, [expert, *others], tmp_path / "m", "average")
+    ref = merge_checkpoints(base, [src, *others], tmp_path / "r", "average")
+    a, b = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_refuses_to_overwrite_without_force(tiny_models: dict, tmp_path: Path) -> None:
     args = (tiny_models["root"] / "base", tiny_models["expert_dirs"], tmp_path / "m", "average")
     merge_checkpoints(*args)

@@ -111,3 +111,15 @@ def test_mixed_float_dtypes_merge_in_float32_and_keep_base_dtype() -> None:
     half = merge({"w": base["w"].half()}, [{"w": expert["w"].float()}], "average")
     assert half["w"].dtype == torch.float16
     assert torch.equal(half["w"], expert["w"].half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_overflowing_the_base_dtype_is_refused(dtype: torch.dtype) -> None:
+    """Finite in float32, the merge overflows the base's dtype: the check runs after the cast."""
+    big = torch.finfo(dtype).max
+    base = {"w": torch.full((2, 2), big / 2, dtype=dtype)}
+    experts = [{"w": torch.full((2, 2), big, dtype=dtype)}]
+    # base + 1.006 * (big - base) = 1.003 * big: finite in float32, Inf in the base's dtype
+    with pytest.raises(EpmqError, match=rf"merge result .* in the base's {dtype}.*'w' has 4 non"):
+        merge(base, experts, "task_arithmetic", scale=1.006)
+    assert torch.isfinite(merge(base, experts, "task_arithmetic", scale=0.99)["w"]).all()

@@ -7,8 +7,9 @@ model*. Expert checkpoints are often saved from a different class than the merge
 differs only in a leading, number-free prefix; the translation found is reused for the rest.
 
 Sources: :class:`SafetensorsExpert` (a folder with ``model.safetensors`` or sharded
-``*.safetensors`` + index, opened lazily with ``safe_open``) and :class:`StateDictExpert`
-(an in-memory state dict, for tests and small models).
+``*.safetensors`` + index, opened lazily with ``safe_open``; pickled ``.bin`` weights cannot be
+read lazily and are loaded whole) and :class:`StateDictExpert` (an in-memory state dict, for
+tests and small models).
 """
 
 from __future__ import annotations
@@ -126,12 +127,15 @@ class StateDictExpert(ExpertWeights):
 
 
 class SafetensorsExpert(ExpertWeights):
-    """An expert saved as a Hugging Face folder of safetensors files, read lazily."""
+    """An expert saved as a Hugging Face folder of safetensors files, read lazily (a folder of
+    pickled ``.bin`` weights is loaded whole, as :class:`~epmq.merging.checkpoint.
+    CheckpointReader` does, ``weights_only``)."""
 
     def __init__(self, folder: str | Path, name: str | None = None) -> None:
         folder = Path(folder)
         super().__init__(name or folder.name)
         self.folder = folder
+        self._bin: Any = None  # a CheckpointReader holding pickled .bin weights
         self._key_to_file = self._index(folder)
         self._handles: dict[Path, Any] = {}
 
@@ -145,13 +149,19 @@ class SafetensorsExpert(ExpertWeights):
             except (ValueError, KeyError) as exc:
                 raise EpmqError(f"expert {self.name!r}: {index} has no weight_map") from exc
             return {key: folder / file for key, file in weight_map.items()}
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise EpmqError(f"expert {self.name!r}: no *.safetensors files in {folder}")
         from safetensors import safe_open
 
+        from epmq.merging.checkpoint import CheckpointReader, safetensors_files
+
+        try:
+            names = safetensors_files(folder)
+            if names is None:  # pickled .bin weights (a head.safetensors beside is no model)
+                self._bin = CheckpointReader(folder)
+                return {key: folder / self._bin.file_of[key] for key in self._bin.meta}
+        except EpmqError as exc:
+            raise EpmqError(f"expert {self.name!r}: {exc}") from None
         mapping: dict[str, Path] = {}
-        for file in files:
+        for file in (folder / name for name in names):
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
                     mapping[key] = file
@@ -163,6 +173,8 @@ class SafetensorsExpert(ExpertWeights):
     def _read(self, key: str) -> Tensor:
         from safetensors import safe_open
 
+        if self._bin is not None:
+            return self._bin.get(key)
         file = self._key_to_file[key]
         handle = self._handles.get(file)
         if handle is None:

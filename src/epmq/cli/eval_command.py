@@ -76,7 +76,7 @@ def eval_command(
     ] = "auto",
 ) -> None:
     """Evaluate an encoder folder on every task of a suite with the per-task expert heads."""
-    from epmq.atomic import refuse_existing, write_json
+    from epmq.atomic import refuse_existing, refuse_overlap, write_json
     from epmq.models.folder import quantization_kwargs
     from epmq.suites import get_suite
 
@@ -91,6 +91,7 @@ def eval_command(
     if batch_size < 1:
         raise EpmqError(f"--batch-size must be >= 1, got {batch_size}")
     if json_file is not None:
+        refuse_overlap(json_file, [("--model folder", model)])
         refuse_existing(json_file, force)
     quantization_kwargs(model)  # an unloadable folder fails before the suite is prepared
     the_suite = get_suite(suite, cache_dir=cache_dir, quick=quick)

@@ -1,10 +1,14 @@
 """``epmq quantize``: quantize a (merged) model folder layer by layer and export it.
 
-    epmq quantize --model DIR --method {rtn,gptq,epmq} --bits 4 [--group-size 128] \\
-        [--symmetric] [--act-order] [--alpha 0.1] [--x-source quantized|merged|expert] \\
-        [--target expert|merged] [--expert TASK=DIR ...] --calib TASK=FILE [--calib ...] \\
-        [--calib-size 128] [--max-length 128] \\
-        [--format compressed-tensors|gptq|gptq-v1|dequantized] --out DIR [--force] [--resume]
+    epmq quantize --model DIR --method NAME --bits 4 [--group-size 128] [--symmetric] \\
+        [--param name=value ...] [--x-source quantized|merged|expert] \\
+        [--expert TASK=DIR ...] --calib TASK=FILE [--calib ...] [--calib-size 128] \\
+        [--max-length 128] [--format compressed-tensors|gptq|gptq-v1|dequantized] \\
+        --out DIR [--force] [--resume]
+
+``--method`` is any registered solver that rounds (``epmq quantize --list-methods`` prints
+each with its parameters); ``--param`` sets one of the solver's parameters, and ``--alpha``,
+``--target``, ``--act-order``, ``--static-groups`` are short for the parameters of those names.
 
 Calibration files are ``.txt`` (one example per line), ``.jsonl`` or ``.csv`` (a ``text``
 field/column, or ``--text-field``); see :mod:`epmq.calib.text_data`. E-PMQ (and
@@ -16,6 +20,7 @@ the same settings continues from there, and the folder is removed once the expor
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,9 +32,8 @@ from epmq.errors import EpmqError
 if TYPE_CHECKING:
     import torch
 
-METHODS = ("rtn", "gptq", "epmq")
-X_SOURCES = ("quantized", "merged", "expert")
-TARGETS = ("expert", "merged")
+    from epmq.calib import SolveOptions
+
 DTYPES = ("float16", "bfloat16", "float32")
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -45,26 +49,42 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_options(
-    method: str, bits: int, group_size: int, alpha: float, x_source: str, target: str,
-    fmt: str, dtype: str, sizes: dict[str, int],
-) -> None:  # fmt: skip
+def _check_options(bits: int, group_size: int, fmt: str, dtype: str, sizes: dict) -> None:
     from epmq.export import get_format
 
-    _choice("--method", method, METHODS)
-    _choice("--x-source", x_source, X_SOURCES)
-    _choice("--target", target, TARGETS)
     _choice("--dtype", dtype, DTYPES)
     get_format(fmt)
     if not MIN_BITS <= bits <= MAX_BITS:
         raise EpmqError(f"--bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
     if group_size != -1 and group_size < 1:
         raise EpmqError(f"--group-size must be -1 (per channel) or >= 1, got {group_size}")
-    if not alpha >= 0 or alpha == float("inf"):
-        raise EpmqError(f"--alpha must be a finite number >= 0, got {alpha}")
     for flag, value in sizes.items():
         if value < 1:
             raise EpmqError(f"{flag} must be >= 1, got {value}")
+
+
+def _solve_options(
+    method: str, assignments: list[str], shorthands: dict[str, Any], grid: Any
+) -> Any:
+    """The solver's validated options from ``--method``, ``--param`` and the shorthands."""
+    from epmq.calib import SolveOptions
+    from epmq.quant.solvers import get_solver, list_solvers
+
+    solver = get_solver(method)
+    if not solver.rounds:
+        raise EpmqError(
+            f"--method {method!r} does not round; choose one of "
+            f"{', '.join(list_solvers(rounding=True))}"
+        )
+    params = {name: value for name, value in shorthands.items() if value is not None}
+    params.update(solver.parse(assignments))
+    return SolveOptions.of(solver, params, grid)
+
+
+def _describe_solvers() -> str:
+    from epmq.quant.solvers import get_solver, list_solvers
+
+    return "\n".join(get_solver(name).describe() for name in list_solvers(rounding=True))
 
 
 def _check_tasks(
@@ -82,26 +102,6 @@ def _check_tasks(
         for task in calib:
             if task not in experts:
                 raise EpmqError(f"{why} needs an expert for task {task!r} (--expert {task}=DIR)")
-
-
-def check_group_size(model: Any, adapter: Any, group_size: int) -> int:
-    """Raise unless ``group_size`` divides the input width of every linear to be quantized;
-    returns how many linears that is."""
-    count = 0
-    for stage in adapter.stages(model):
-        for index, block in enumerate(adapter.blocks(model, stage)):
-            for group in adapter.linear_groups(block):
-                for name in group:
-                    width = block.get_submodule(name).in_features
-                    count += 1
-                    if group_size > 0 and width % group_size:
-                        raise EpmqError(
-                            f"--group-size {group_size} does not divide the input width {width} "
-                            f"of {stage.blocks_path}.{index}.{name}; use a divisor of it or -1"
-                        )
-    if count == 0:
-        raise EpmqError(f"model {type(model).__name__} has no linear layers to quantize")
-    return count
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -152,17 +152,28 @@ def quantize_command(
         int, typer.Option("--group-size", help="Input columns per group (-1: per channel).")
     ] = 128,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="Symmetric grid.")] = False,
-    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ act-order.")] = False,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="Solver parameter name=value; repeat.")
+    ] = None,
+    act_order: Annotated[
+        bool | None,
+        typer.Option("--act-order/--no-act-order", help="Short for --param act_order=..."),
+    ] = None,
     static_groups: Annotated[
-        bool, typer.Option("--static-groups", help="Fit all groups up front (act-order).")
-    ] = False,
-    alpha: Annotated[float, typer.Option("--alpha", help="E-PMQ anchor strength α.")] = 0.1,
+        bool | None,
+        typer.Option(
+            "--static-groups/--no-static-groups", help="Short for --param static_groups=..."
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option("--alpha", help="Short for --param alpha=A (E-PMQ).")
+    ] = None,
     x_source: Annotated[
         str, typer.Option("--x-source", help="Layer inputs: quantized, merged or expert.")
     ] = "quantized",
     target: Annotated[
-        str, typer.Option("--target", help="E-PMQ targets: expert or merged (ablation).")
-    ] = "expert",
+        str | None, typer.Option("--target", help="Short for --param target=T (E-PMQ).")
+    ] = None,
     expert: Annotated[
         list[str] | None, typer.Option("--expert", help="TASK=DIR expert folder; repeat.")
     ] = None,
@@ -195,12 +206,20 @@ def quantize_command(
         str,
         typer.Option("--model-dtype", help="Hold the model in float32, bfloat16 or float16."),
     ] = "float32",
+    list_methods: Annotated[
+        bool, typer.Option("--list-methods", help="Print the solvers and parameters, then exit.")
+    ] = False,
 ) -> None:
-    """Quantize a merged model's linear layers (RTN, GPTQ or E-PMQ) and export --out."""
-    from epmq.atomic import refuse_existing
+    """Quantize a merged model's linear layers (RTN, GPTQ, E-PMQ, ...) and export --out."""
+    from epmq.atomic import refuse_existing, refuse_overlap
     from epmq.calib.text_data import parse_task_paths
     from epmq.devices import resolve_device
+    from epmq.quant import QuantGrid
+    from epmq.quant.solvers.registry import X_SOURCES
 
+    if list_methods:
+        typer.echo(_describe_solvers())
+        return
     for flag, value in (("--model", model), ("--method", method), ("--bits", bits), ("--out", out)):
         if value is None:
             raise EpmqError(f"{flag} is required")
@@ -208,43 +227,85 @@ def quantize_command(
         raise EpmqError("--calib is required (repeat it once per task: --calib TASK=FILE)")
     assert model is not None and method is not None and bits is not None and out is not None
     sizes = {"--calib-size": calib_size, "--max-length": max_length, "--batch-size": batch_size}
-    _check_options(method, bits, group_size, alpha, x_source, target, fmt, dtype, sizes)
+    _check_options(bits, group_size, fmt, dtype, sizes)
+    shorthands = {"act_order": act_order, "static_groups": static_groups, "alpha": alpha}
+    shorthands["target"] = target
+    options = _solve_options(
+        method, param or [], shorthands, QuantGrid(bits, group_size, symmetric)
+    )
+    options.solver.check_x_source(_choice("--x-source", x_source, X_SOURCES))
     if not model.is_dir():
         raise EpmqError(f"--model folder {model} does not exist")
-    if out.resolve() == model.resolve():
-        raise EpmqError("--out must differ from --model")
-    refuse_existing(out, force)
     calib_files = parse_task_paths(calib, "--calib")
     expert_dirs = parse_task_paths(expert or [], "--expert")
-    needs = method == "epmq" or x_source == "expert"
-    why = "method epmq" if method == "epmq" else "--x-source expert"
+    inputs = [("--model folder", model), ("--tokenizer folder", tokenizer or model)]
+    inputs += [(f"--calib {task} file", file) for task, file in calib_files.items()]
+    inputs += [(f"--expert {task} folder", folder) for task, folder in expert_dirs.items()]
+    refuse_overlap(out, inputs)
+    refuse_existing(out, force)
+    needs = options.solver.reads_experts or x_source == "expert"
+    why = f"method {method}" if options.solver.reads_experts else "--x-source expert"
     _check_tasks(calib_files, expert_dirs, needs, why)
-    if act_order and fmt == "compressed-tensors" and group_size > 0 and not static_groups:
+    grouped_act_order = options.params.get("act_order") and group_size > 0
+    if grouped_act_order and fmt == "compressed-tensors" and not options.params["static_groups"]:
         from epmq.export.compressed_tensors_format import ACT_ORDER_REASON
 
         raise EpmqError(
             f"--act-order with groups cannot be stored as compressed-tensors ({ACT_ORDER_REASON}); "
             "add --static-groups, or use --format gptq, which stores g_idx"
         )
-    run_quantize(
-        model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric,
-        act_order=act_order, static_groups=static_groups, alpha=alpha, x_source=x_source,
-        target=target, calib_files=calib_files, expert_dirs=expert_dirs, calib_size=calib_size,
-        max_length=max_length, batch_size=batch_size, text_field=text_field,
-        tokenizer_dir=tokenizer or model, seed=seed, fmt=fmt, dtype=dtype, force=force,
-        resume=resume, progress=progress, device=resolve_device(device),
-        model_dtype=_model_dtype(model_dtype),
+    data = CalibrationFiles(
+        calib_files, expert_dirs, calib_size, max_length, batch_size, text_field,
+        tokenizer or model, seed,
     )  # fmt: skip
+    engine = EngineSettings(
+        x_source, resume, progress, resolve_device(device), _model_dtype(model_dtype)
+    )
+    run_quantize(model, out, options, data, ExportSettings(fmt, dtype, force), engine)
+
+
+@dataclass(frozen=True)
+class CalibrationFiles:
+    """Where the calibration text and the experts come from, and how it is sampled."""
+
+    files: dict[str, Path]
+    experts: dict[str, Path]
+    size: int
+    max_length: int
+    batch_size: int
+    text_field: str | None
+    tokenizer: Path
+    seed: int
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How the quantized model is written: format, float type of the rest, overwrite."""
+
+    format: str
+    dtype: str
+    force: bool
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine runs: X-source, resume, progress, device, the model's dtype."""
+
+    x_source: str
+    resume: bool
+    progress: bool
+    device: torch.device | None
+    model_dtype: torch.dtype | None
 
 
 def run_quantize(
-    model_dir: Path, out: Path, *, method: str, bits: int, group_size: int, symmetric: bool,
-    act_order: bool, static_groups: bool, alpha: float, x_source: str, target: str,
-    calib_files: dict[str, Path], expert_dirs: dict[str, Path], calib_size: int,
-    max_length: int, batch_size: int, text_field: str | None, tokenizer_dir: Path, seed: int,
-    fmt: str, dtype: str, force: bool, resume: bool, progress: bool,
-    device: torch.device | None = None, model_dtype: torch.dtype | None = None,
-) -> None:  # fmt: skip
+    model_dir: Path,
+    out: Path,
+    options: SolveOptions,
+    data: CalibrationFiles,
+    export: ExportSettings,
+    engine: EngineSettings,
+) -> None:
     """Load, calibrate, quantize and export (the options are checked by the command)."""
     import torch
 
@@ -252,20 +313,22 @@ def run_quantize(
     from epmq.calib.distributed import launched_group, shard
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
     from epmq.export import export_checkpoint
-    from epmq.quant import QuantGrid
+    from epmq.models.adapter import check_group_sizes
 
+    assert options.grid is not None
     model, adapter, family = _load(model_dir)
-    if model_dtype is not None:
-        model = model.to(model_dtype)
-    n_linears = check_group_size(model, adapter, group_size)
-    tok = load_tokenizer(tokenizer_dir)
+    if engine.model_dtype is not None:
+        model = model.to(engine.model_dtype)
+    n_linears = check_group_sizes(model, adapter, [options.grid.group_size], "--group-size")
     batches, calib_info = load_calibration(
-        tok, calib_files, size=calib_size, max_length=max_length, batch_size=batch_size,
-        seed=seed, field=text_field, input_names=model_input_names(model),
+        load_tokenizer(data.tokenizer), data.files, size=data.size, max_length=data.max_length,
+        batch_size=data.batch_size, seed=data.seed, field=data.text_field,
+        input_names=model_input_names(model),
     )  # fmt: skip
-    experts = {t: SafetensorsExpert(d, name=t) for t, d in expert_dirs.items()} or None
-    with launched_group(device) as (rank, world):  # under torchrun: one shard per rank
-        checkpoint = resume_dir(out) if resume else None
+    experts = {t: SafetensorsExpert(d, name=t) for t, d in data.experts.items()} or None
+    method = options.method
+    with launched_group(engine.device) as (rank, world):  # under torchrun: one shard per rank
+        checkpoint = resume_dir(out) if engine.resume else None
         if world > 1:
             batches = shard(batches, rank, world)
             checkpoint = None if checkpoint is None else checkpoint / f"rank{rank}"
@@ -275,10 +338,9 @@ def run_quantize(
                 + (f" on {world} ranks" if world > 1 else "")
             )
         run = quantize_model(
-            model, adapter, batches, method=method,
-            grid=QuantGrid(bits, group_size, symmetric), experts=experts, alpha=alpha,
-            x_source=x_source, target=target, act_order=act_order, static_groups=static_groups,
-            checkpoint_dir=checkpoint, progress=progress and rank == 0, device=device,
+            model, adapter, batches, method=options.solver, grid=options.grid, experts=experts,
+            x_source=engine.x_source, checkpoint_dir=checkpoint,
+            progress=engine.progress and rank == 0, device=engine.device, **options.params,
         )  # fmt: skip
         if rank != 0:  # every rank holds the same solved model: rank 0 exports it
             return
@@ -289,19 +351,19 @@ def run_quantize(
             "method": method,
             "settings": run.settings,
             "calibration": {
-                "seed": seed,
-                "max_length": max_length,
-                "batch_size": batch_size,
+                "seed": data.seed,
+                "max_length": data.max_length,
+                "batch_size": data.batch_size,
                 "tasks": calib_info,
             },
-            "experts": {t: str(d) for t, d in expert_dirs.items()},
+            "experts": {t: str(d) for t, d in data.experts.items()},
             "seconds": run.seconds,
             "resumed_blocks": run.resumed_blocks,
             "layers": [layer.to_dict() for layer in run.layers],
         }
         export_checkpoint(
-            model, run.results, out, format=fmt, base_dir=tokenizer_dir, record=record,
-            force=force, dtype=getattr(torch, dtype),
+            model, run.results, out, format=export.format, base_dir=data.tokenizer,
+            record=record, force=export.force, dtype=getattr(torch, export.dtype),
         )  # fmt: skip
-        if resume:
+        if engine.resume:
             shutil.rmtree(resume_dir(out), ignore_errors=True)

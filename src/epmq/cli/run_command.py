@@ -30,6 +30,9 @@ def run(
     if device is not None:
         parsed = parse_config({**parsed.model_dump(mode="json"), "device": device}, "--device")
     if check:
+        from epmq.experiment.session import check_models
+
+        check_models(parsed)
         typer.echo(f"{config}: valid ({len(parsed.merges)} merges)")
         return
     from epmq.experiment.session import run_session

@@ -20,6 +20,7 @@ def read_task_data(
     label_column: str = "label",
     image_column: str = "image",
     classes: Sequence[str] | None = None,
+    allow_pickle: bool = False,
 ) -> TaskData:
     """Read task ``name`` from ``path`` in ``format`` (``csv``, ``jsonl``, ``npz``,
     ``imagefolder`` or ``hf_disk``; see :mod:`epmq.data`).
@@ -27,7 +28,9 @@ def read_task_data(
     Returns the train and test splits (and the calibration split when the data has one) with
     labels mapped to indices into the task's classes. Every problem with the data (missing
     path, split, column or array, bad label, empty split) is an :class:`~epmq.errors.EpmqError`
-    naming the task and the file. Images are not decoded here.
+    naming the task and the file. Images are not decoded here. ``allow_pickle`` lets the
+    ``npz`` format unpickle object arrays (unsafe: a crafted file runs code); else they are
+    refused.
     """
     reader = format_reader(format.strip().lower(), name)
     request = Request(
@@ -37,6 +40,7 @@ def read_task_data(
         label_column=label_column,
         image_column=image_column,
         classes=tuple(classes) if classes is not None else None,
+        allow_pickle=allow_pickle,
     )
     raw = reader(request)
     for split_name, split in raw.splits.items():

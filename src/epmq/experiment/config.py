@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from epmq.devices import DEVICE_CHOICES
 from epmq.errors import EpmqError
@@ -60,6 +68,7 @@ class TaskSpec(_Strict):
     prompt: str | None = None
     label_words: list[str] | None = None
     templates: list[str] | None = None
+    allow_pickle: bool = False  # npz object arrays are unpickled only then (unsafe)
 
     @field_validator("prompt")
     @classmethod
@@ -187,6 +196,38 @@ class ExperimentConfig(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    _source: Path | None = PrivateAttr(default=None)  # the YAML file, when read from one
+
+    def where(self, field: str) -> str:
+        """``field`` prefixed with the config file it came from (for one-line errors)."""
+        return f"{self._source or 'config'}: {field}"
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        """Every file and folder the experiment reads, labelled (for
+        :func:`epmq.atomic.refuse_overlap`): the config file, base, experts, heads, task data."""
+        found: list[tuple[str, Path]] = []
+        if self._source is not None:
+            found.append(("config file", self._source))
+        if self.base is not None:
+            found.append(("base model", self.base.path))
+        for expert in self.experts:
+            found.append((f"expert {expert.name}", expert.path))
+            if expert.head is not None:
+                found.append((f"head of expert {expert.name}", expert.head))
+        found.extend((f"data of task {task.name}", task.data) for task in self.tasks)
+        return found
+
+    @model_validator(mode="after")
+    def _merges_valid(self) -> ExperimentConfig:
+        """Every merge names a known method with valid parameters (before any work)."""
+        from epmq.merging import get_method
+
+        for i, merge in enumerate(self.merges):
+            try:
+                get_method(merge.method).resolve(merge.params, len(self.experts) or None)
+            except EpmqError as exc:
+                raise ValueError(f"merges.{i}: {exc}") from None
+        return self
 
     @field_validator("family")
     @classmethod
@@ -252,7 +293,8 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config; relative paths resolve against the file's folder."""
+    """Read and validate a YAML config; relative paths resolve against the file's folder, to
+    absolute paths (the same config reads the same from any working directory)."""
     path = Path(path)
     if not path.is_file():
         raise EpmqError(f"config file {path} does not exist")
@@ -263,19 +305,22 @@ def load_config(path: str | Path) -> ExperimentConfig:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise EpmqError(f"{path}: not valid YAML{where}") from None
     config = parse_config(data, source=str(path))
-    return _resolve_paths(config, path.parent)
+    config._source = path
+    return _resolve_paths(config, path.resolve().parent)
 
 
 def _resolve_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
-    def resolve(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (root / p)
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else root / p
 
     if config.base is not None:
-        config.base.path = resolve(config.base.path) or config.base.path
+        config.base.path = resolve(config.base.path)
     for expert in config.experts:
-        expert.path = resolve(expert.path) or expert.path
-        expert.head = resolve(expert.head)
+        expert.path = resolve(expert.path)
+        if expert.head is not None:
+            expert.head = resolve(expert.head)
     for task in config.tasks:
-        task.data = resolve(task.data) or task.data
-    config.output.dir = resolve(config.output.dir) or config.output.dir
+        task.data = resolve(task.data)
+    config.output.dir = resolve(config.output.dir)
     return config

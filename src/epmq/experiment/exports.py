@@ -51,7 +51,9 @@ class VariantExporter:
         self.workload = workload
         self.root = Path(root)
         self.journal = journal  # records each export, so a resumed run still lists them all
-        self.written: list[dict[str, Any]] = list(journal.exports) if journal else []
+        self.written: list[dict[str, Any]] = []
+        for record in journal.exports if journal else []:
+            self._list(record)
 
     def __call__(self, variant: Variant, model: nn.Module, run: CalibrationRun | None) -> None:
         if variant.kind != "quantized" or variant.sweep is not None or run is None:
@@ -77,9 +79,17 @@ class VariantExporter:
                 "weights_bytes": summary.weights_bytes,
                 "float16_bytes": summary.float16_bytes,
             }
-            self.written.append(record)
+            self._list(record)
             if self.journal is not None:
                 self.journal.add_export(record)
+
+    def _list(self, record: dict[str, Any]) -> None:
+        """Add ``record`` to :attr:`written`, replacing an earlier export of the same variant and
+        format (one a stopped run wrote before journalling its row, so the resumed run redid
+        it): each export is listed once, where the uninterrupted run lists it."""
+        key = (record["variant"], record["format"])
+        self.written = [r for r in self.written if (r["variant"], r["format"]) != key]
+        self.written.append(record)
 
     def _write_heads(self, folder: Path) -> None:
         for task, head in self.workload.heads.items():

@@ -55,6 +55,7 @@ def read_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
             label_column=t.label_column,
             image_column=t.image_column,
             classes=t.classes,
+            allow_pickle=t.allow_pickle,
         )
         for t in config.tasks
     }

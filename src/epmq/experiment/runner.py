@@ -35,6 +35,8 @@ from epmq.experiment.config import ExperimentConfig, MergeSpec
 from epmq.experiment.journal import Journal
 from epmq.experiment.plan import SWEEP, Variant, plan_experiment
 from epmq.experiment.workload import Workload
+from epmq.models import adapter_for
+from epmq.models.adapter import check_group_sizes
 from epmq.quant.solvers import get_solver
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,9 @@ def run_experiment(
     started = time.perf_counter()
 
     base = _load(config, workload, workload.base_dir)
+    if any(v.kind == "quantized" for v in plan_experiment(config)):  # before any model is built
+        sizes = config.quantization.group_sizes
+        check_group_sizes(base, adapter_for(base), sizes, config.where("quantization.group_sizes"))
     if workload.probe_heads:
         _add_row(
             results,

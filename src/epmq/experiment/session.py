@@ -11,7 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from epmq.atomic import output_dir, partial_dir, refuse_existing, refuse_stopped_run, write_text
+from epmq.atomic import (
+    output_dir,
+    partial_dir,
+    refuse_existing,
+    refuse_overlap,
+    refuse_stopped_run,
+    write_text,
+)
 from epmq.eval.results import Results
 from epmq.experiment.config import ExperimentConfig
 from epmq.experiment.exports import VariantExporter
@@ -42,6 +49,30 @@ def build_workload(
     )
 
 
+def session_inputs(config: ExperimentConfig, cache_dir: Path | None) -> list[tuple[str, Path]]:
+    """What a run reads: the config's files and folders, or the built-in suite's cache."""
+    if config.suite is None:
+        return config.inputs()
+    from epmq.suites.suite import default_cache_root
+
+    return [*config.inputs(), ("suite cache", cache_dir or default_cache_root())]
+
+
+def check_models(config: ExperimentConfig) -> None:
+    """What ``epmq run --check`` reads beyond the config: every group size must divide every
+    linear of the base (a user's base folder; the built-in suites' models fit their grids)."""
+    if config.base is None:
+        return
+    from epmq.models.adapter import check_group_sizes
+    from epmq.models.registry import load_model
+    from epmq.suites.classifier import quiet_transformers
+
+    with quiet_transformers():
+        model, adapter = load_model(config.base.path)
+    sizes = config.quantization.group_sizes
+    check_group_sizes(model, adapter, sizes, config.where("quantization.group_sizes"))
+
+
 def run_session(
     config: ExperimentConfig,
     *,
@@ -60,6 +91,7 @@ def run_session(
     """
     out = Path(config.output.dir)
     force = force or config.output.force
+    refuse_overlap(out, session_inputs(config, cache_dir))
     refuse_existing(out, force)
     refuse_stopped_run(out, resume=resume, force=force)  # before any work
     resuming = resume and (partial_dir(out) / JOURNAL_FILE).is_file()

@@ -1,10 +1,11 @@
 """Lazy, tensor-by-tensor reading of Hugging Face checkpoint folders.
 
-A folder holds ``model.safetensors.index.json`` (sharded), ``model.safetensors``, one other
-``*.safetensors`` file, or only ``pytorch_model.bin`` (optionally sharded with
-``pytorch_model.bin.index.json``). Headers (names, shapes, dtypes) are read up front without
-data; each :meth:`CheckpointReader.get` opens the file with ``safetensors.safe_open``, copies
-one tensor out and closes the file again, so no mapping keeps pages of a whole model resident.
+A folder holds ``model.safetensors.index.json`` (sharded), ``model.safetensors``,
+``pytorch_model.bin`` (optionally sharded with ``pytorch_model.bin.index.json``; a
+``head.safetensors`` beside it is not the model), or one other ``*.safetensors`` file.
+Headers (names, shapes, dtypes) are read up front without data; each
+:meth:`CheckpointReader.get` opens the file with ``safetensors.safe_open``, copies one tensor
+out and closes the file again, so no mapping keeps pages of a whole model resident.
 Pickled ``.bin`` checkpoints cannot be read lazily: they are loaded whole (with a note).
 """
 
@@ -42,6 +43,35 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 
+def safetensors_files(folder: Path) -> list[str] | None:
+    """The safetensors weight files of a model folder, or None when its weights are pickled
+    ``.bin`` files. A lone ``*.safetensors`` file of another name counts only when the folder
+    has no ``.bin`` weights (beside them it is e.g. a task head, not the model)."""
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise EpmqError(f"{index}: not a safetensors index ({err})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        for file in files:
+            if not (folder / file).is_file():
+                raise EpmqError(f"{index}: shard {file} is missing")
+        return files
+    if (folder / SAFE_SINGLE).is_file():
+        return [SAFE_SINGLE]
+    if (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
+        return None
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if len(found) > 1:
+        raise EpmqError(
+            f"{folder}: several .safetensors files ({', '.join(found)}) and no {SAFE_INDEX}"
+        )
+    return None
+
+
 class CheckpointReader:
     """Names, shapes and dtypes of a checkpoint folder, and its tensors one at a time."""
 
@@ -52,36 +82,12 @@ class CheckpointReader:
         self.file_of: dict[str, str] = {}
         self.meta: dict[str, TensorMeta] = {}
         self._loaded: dict[str, torch.Tensor] | None = None
-        files = self._safetensors_files()
+        files = safetensors_files(self.folder)
         if files is not None:
             for file in files:
                 self._read_header(file)
         else:
             self._load_bin()
-
-    def _safetensors_files(self) -> list[str] | None:
-        index = self.folder / SAFE_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
-                raise EpmqError(f"{index}: not a safetensors index ({err})") from None
-            files = list(dict.fromkeys(weight_map.values()))
-            for file in files:
-                if not (self.folder / file).is_file():
-                    raise EpmqError(f"{index}: shard {file} is missing")
-            return files
-        if (self.folder / SAFE_SINGLE).is_file():
-            return [SAFE_SINGLE]
-        found = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if len(found) == 1:
-            return found
-        if len(found) > 1:
-            raise EpmqError(
-                f"{self.folder}: several .safetensors files ({', '.join(found)}) "
-                f"and no {SAFE_INDEX}"
-            )
-        return None
 
     def _read_header(self, file: str) -> None:
         path = self.folder / file

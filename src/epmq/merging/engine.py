@@ -103,7 +103,11 @@ class MergePlan:
         ctx = TensorContext(name=name, thresholds=self.thresholds, grams=grams)
         merged = self.method.fn(base_t.to(dtype), stacked, ctx, **self.params)
         check_finite(merged, f"merge result of {self.method.name!r}", name)
-        return merged.to(base_t.dtype)
+        merged = merged.to(base_t.dtype)  # a float16/bfloat16 base can overflow here
+        if merged.dtype != dtype:
+            where = f"merge result of {self.method.name!r} in the base's {base_t.dtype}"
+            check_finite(merged, where, name)
+        return merged
 
     def record(self) -> dict[str, Any]:
         """Plain-data description for ``merge_record.json``."""

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from epmq import __version__
-from epmq.atomic import output_dir, refuse_existing, write_json
-from epmq.errors import EpmqError
+from epmq.atomic import output_dir, refuse_existing, refuse_overlap, write_json
 from epmq.merging.checkpoint import CheckpointReader
 from epmq.merging.engine import make_plan
 from epmq.merging.writer import StreamingSafetensorsWriter
@@ -79,12 +78,13 @@ def merge_checkpoints(
     a time. Returns ``out_dir``; it refuses to overwrite an existing folder unless ``force``.
     """
     out = Path(out_dir)
-    refuse_existing(out, force)
     base_path = Path(base_dir)
-    inputs = [base_path, *map(Path, expert_dirs)]
-    for folder in inputs:
-        if folder.exists() and out.resolve() == folder.resolve():
-            raise EpmqError(f"output {out} is one of the input folders")
+    inputs = [("base", base_path), *(("expert", Path(d)) for d in expert_dirs)]
+    grams_file = getattr(grams, "path", None)  # a GramFile reads from disk
+    if isinstance(grams_file, Path):
+        inputs.append(("grams file", grams_file))
+    refuse_overlap(out, inputs)
+    refuse_existing(out, force)
     base = CheckpointReader(base_path)
     experts = [CheckpointReader(folder) for folder in expert_dirs]
     plan = make_plan(

@@ -239,6 +239,30 @@ class BlockAdapter:
         return args, kwargs
 
 
+def check_group_sizes(
+    model: nn.Module, adapter: BlockAdapter, group_sizes: Sequence[int], what: str
+) -> int:
+    """Raise :class:`EpmqError` (``what`` names the option or field) unless every group size
+    divides the input width of every linear the quantizers solve (-1: per channel); returns
+    how many linears that is."""
+    count = 0
+    for stage in adapter.stages(model):
+        for index, block in enumerate(adapter.blocks(model, stage)):
+            for group in adapter.linear_groups(block):
+                for name in group:
+                    width = block.get_submodule(name).in_features
+                    count += 1
+                    for size in group_sizes:
+                        if size > 0 and width % size:
+                            raise EpmqError(
+                                f"{what} {size} does not divide the input width {width} of "
+                                f"{stage.blocks_path}.{index}.{name}; use a divisor of it or -1"
+                            )
+    if count == 0:
+        raise EpmqError(f"model {type(model).__name__} has no linear layers to quantize")
+    return count
+
+
 def grouped_linears(block: nn.Module, groups: Sequence[Sequence[str]]) -> list[list[str]]:
     """The block's ``nn.Linear`` names arranged in ``groups`` (names the block lacks dropped);
     linears that no group names follow, one per group, in definition order."""

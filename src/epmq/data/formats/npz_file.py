@@ -10,7 +10,9 @@
 
 Pixel values are checked once per array: they must be unnormalised (epmq resizes and normalises
 images itself, see :class:`epmq.data.images.ImagePreprocessing`). ``y`` arrays hold integer
-class indices or class names. Object arrays are unpickled, so read only files you trust.
+class indices or class names. Object arrays can only be read by unpickling them, which runs
+whatever code the file holds: they are refused unless the task sets ``allow_pickle`` (strings
+stored as numpy unicode arrays, ``np.array(texts, dtype=str)``, need no pickle).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def read_npz(request: Request) -> RawData:
 
 
 def _load(request: Request) -> dict[str, np.ndarray]:
-    """Every array of the file (object arrays are unpickled on a second open)."""
+    """Every array of the file (object arrays are unpickled on a second open, and only with
+    ``request.allow_pickle``)."""
     try:
         data = np.load(request.path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -73,6 +76,12 @@ def _load(request: Request) -> dict[str, np.ndarray]:
             try:
                 arrays[key] = data[key]
             except ValueError:  # an object array: needs pickle
+                if not request.allow_pickle:
+                    raise request.fail(
+                        f"array {key!r} is an object array, which only pickle reads (it can run "
+                        "code); store strings as a numpy unicode array (np.array(texts, "
+                        "dtype=str)), or set allow_pickle: true on the task if you trust the file"
+                    ) from None
                 arrays[key] = _load_object_array(request, key)
             except (OSError, zipfile.BadZipFile, EOFError) as exc:
                 raise request.fail(f"array {key!r} cannot be read ({exc})") from None

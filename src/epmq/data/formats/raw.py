@@ -32,6 +32,7 @@ class Request:
     label_column: str = "label"
     image_column: str = "image"
     classes: tuple[str, ...] | None = None
+    allow_pickle: bool = False  # npz object arrays: unpickling can run code from the file
 
     def fail(self, message: str, where: str | Path | None = None) -> EpmqError:
         """A one-line error naming the task and the file (``where``, else the data path)."""
