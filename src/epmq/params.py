@@ -10,7 +10,7 @@ Python API, parse ``name=value`` from the command line, and describe the method 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,10 @@ class Param:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    #: how a value shows in a model's name (``α=0.1``) and folder name (``a0.1``); None (or a
+    #: function returning None for the value) leaves it out
+    label: Callable[[Any], str | None] | None = None
+    slug: Callable[[Any], str | None] | None = None
 
     @property
     def type_name(self) -> str:
@@ -161,6 +165,16 @@ class Declared:
             extra = f" (one of {', '.join(p.choices)})" if p.choices else ""
             lines.append(f"  {p.name}: {p.type_name} = {p.default!r}{extra} - {p.help}")
         return "\n".join(lines)
+
+    def labels(self, values: Mapping[str, Any]) -> list[str]:
+        """How ``values`` (some of the parameters) show in a model's name, in declared order."""
+        shown = (p.label(values[p.name]) for p in self.params if p.label and p.name in values)
+        return [text for text in shown if text]
+
+    def slugs(self, values: Mapping[str, Any]) -> list[str]:
+        """How ``values`` show in a folder name, in declared order."""
+        shown = (p.slug(values[p.name]) for p in self.params if p.slug and p.name in values)
+        return [text for text in shown if text]
 
     def describe_params(self) -> dict[str, dict[str, Any]]:
         """The parameters as plain data: ``{name: {type, default, choices, help}}``."""

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "export": 1,
     "atomic": 0,
     "devices": 0,
+    "params": 0,
     "errors": 0,
 }
 

@@ -275,3 +275,14 @@ def test_cli_report_missing_file_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
     assert f"results file {missing} does not exist" in proc.stderr
+
+
+def test_a_solver_the_registry_does_not_know_still_renders() -> None:
+    """Rows of any solver render (an old results file, or a solver of a newer release): its
+    name stands for its label, after the registered ones."""
+    results = make_results(sweep=False)
+    results.rows.append(q("ta-future-4", "ta", "future", 4, (0.71, 0.61, 0.51)))
+    md = render_markdown(results)
+    assert table_cells(md, "ta-future-4")[1].startswith("future 4-bit")
+    table = md.split("## The gaps")[0]
+    assert table.index("ta-epmq-4") < table.index("ta-future-4") < table.index("ta-rtn-3")

@@ -166,8 +166,6 @@ def broken(path: Path, edit: Any) -> Path:
         (lambda d: d["rows"][2]["accuracy"].pop("b"), "(top level)", "missing ['b']"),
         (lambda d: d["rows"][2]["accuracy"].update(c=0.1), "(top level)", "unknown ['c']"),
         (lambda d: d["rows"][4].update(bits=None), "rows.4", "quantizer and bits"),
-        (lambda d: d["rows"][4].update(quantizer="awq"), "rows.4.quantizer", "rtn"),
-        (lambda d: d["rows"][4].update(target="merged"), "rows.4", "E-PMQ option"),
         (lambda d: d["rows"][2].update(merge=None), "rows.2", "merge must name"),
         (lambda d: d["rows"][0].update(bits=4), "rows.0", "bits and group_size"),
         (lambda d: d["rows"][1].update(kind="teacher"), "rows.1.kind", "pretrained"),

@@ -15,16 +15,32 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from itertools import cycle
 from typing import TYPE_CHECKING, Any
 
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
+from epmq.quant.solvers import solver_label, solver_rank
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-QUANT_LABEL = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
-_QUANT_STYLE = {"rtn": (":", "s"), "gptq": ("--", "o"), "epmq": ("-", "^")}
+_STYLES = [(":", "s"), ("--", "o"), ("-", "^"), ("-.", "D"), (":", "v"), ("--", "P")]
+
+
+def quantizers(results: Results) -> list[str]:
+    """The quantizers of ``results`` in the config's order (then the others in the order
+    they were registered: baselines first)."""
+    config = results.settings.get("config", {})
+    listed = list(config.get("quantization", {}).get("methods", [])) if config else []
+    seen = {r.quantizer for r in results.rows if r.quantizer is not None}
+    rest = sorted(seen - set(listed), key=lambda q: (solver_rank(q), q))
+    return [q for q in listed if q in seen] + rest
+
+
+def quant_label(quantizer: str | None) -> str:
+    """The display name a solver declares (``E-PMQ``); an unknown name as it is."""
+    return "?" if quantizer is None else solver_label(quantizer)
 
 
 @dataclass(frozen=True)
@@ -86,7 +102,7 @@ def accuracy_by_bits(results: Results) -> bytes | None:
         ax = fig.add_subplot(1, len(groups), panel + 1, sharey=first)
         first = first or ax
         for merge, color in zip(merges, _colors(len(merges)), strict=True):
-            for quantizer, (style, marker) in _QUANT_STYLE.items():
+            for quantizer, (style, marker) in zip(quantizers(results), cycle(_STYLES)):
                 by_bits: dict[int, Row] = {}
                 for r in quantized:
                     if r.merge == merge and r.quantizer == quantizer and r.group_size == group:
@@ -94,7 +110,7 @@ def accuracy_by_bits(results: Results) -> bytes | None:
                 if by_bits:
                     bits = sorted(by_bits)
                     ys = [100 * average(by_bits[b]) for b in bits]
-                    label = f"{merge} {QUANT_LABEL[quantizer]}"
+                    label = f"{merge} {quant_label(quantizer)}"
                     ax.plot(bits, ys, linestyle=style, marker=marker, color=color, label=label)
             for row in results.find(kind="merged", merge=merge)[:1]:
                 ax.axhline(100 * average(row), color=color, linestyle="-.", linewidth=1, alpha=0.6)
@@ -145,7 +161,7 @@ def per_task_bars(
     for quantizer in ("gptq", "epmq"):
         row = results.quantized(merge, quantizer, bits, group_size)
         if row is not None:
-            bars.append((f"{QUANT_LABEL[quantizer]} {bits}-bit", row))
+            bars.append((f"{quant_label(quantizer)} {bits}-bit", row))
     if not any(r.kind == "quantized" for _, r in bars):
         return None
     tasks = results.tasks

@@ -21,7 +21,7 @@ from typing import Any
 
 from epmq.atomic import write_bytes, write_json, write_text
 from epmq.errors import EpmqError
-from epmq.eval.plots import PLOT_FILES, QUANT_LABEL, Plot, build_plots
+from epmq.eval.plots import PLOT_FILES, Plot, build_plots, quant_label, quantizers
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average, normalized
 
 GAP_THRESHOLD = 0.5
@@ -29,7 +29,6 @@ GAP_THRESHOLD = 0.5
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
-_QUANT_ORDER = {"rtn": 0, "gptq": 1, "epmq": 2}
 
 
 def _pct(fraction: float) -> str:
@@ -58,7 +57,7 @@ def describe(row: Row) -> str:
     if row.kind == "expert":
         return "each task's own expert"
     parts = {"merged": ["full precision"], "target": ["E-PMQ target W*, unrounded"]}.get(
-        row.kind, [f"{QUANT_LABEL[row.quantizer or 'rtn']} {_bits_label(row.bits or 0, None)}"]
+        row.kind, [f"{quant_label(row.quantizer)} {_bits_label(row.bits or 0, None)}"]
     )
     if row.kind != "quantized" and row.bits is not None:
         parts.append(f"calibrated at {row.bits}-bit")
@@ -76,12 +75,13 @@ def describe(row: Row) -> str:
 def ordered_rows(results: Results) -> list[Row]:
     """Pretrained, experts, then per merge: full precision, targets, quantized rows."""
     rows = results.find(kind="pretrained") + results.find(kind="expert")
+    order = {name: i for i, name in enumerate(quantizers(results))}
     for merge in results.merges():
         rows += results.find(kind="merged", merge=merge) + results.find(kind="target", merge=merge)
         quantized = results.find(kind="quantized", merge=merge)
         rows += sorted(
             quantized,
-            key=lambda r: (-(r.bits or 0), r.group_size or 0, _QUANT_ORDER[r.quantizer or "rtn"]),
+            key=lambda r: (-(r.bits or 0), r.group_size or 0, order.get(r.quantizer or "", 0)),
         )
     return rows
 
@@ -273,7 +273,7 @@ def _sweep_lines(results: Results) -> list[str]:
     for p in points:
         groups.setdefault((p.merge, p.quantizer, p.bits, p.group_size, p.x_source), []).append(p)
     for (merge, quantizer, bits, group, x_source), pts in groups.items():
-        title = f"{merge or '?'}, {QUANT_LABEL.get(quantizer or 'epmq')}"
+        title = f"{merge or '?'}, {quant_label(quantizer)}"
         title += f", {_bits_label(bits, group)}" if bits is not None else ""
         title += f", X={x_source}" if x_source else ""
         alphas = sorted({p.alpha for p in pts if p.alpha is not None})

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from epmq.errors import EpmqError
 
 RowKind = Literal["pretrained", "expert", "merged", "target", "quantized"]
-Quantizer = Literal["rtn", "gptq", "epmq"]
+Quantizer = str  # a solver's registered name (epmq.quant.solvers); any name still renders
 XSource = Literal["quantized", "merged", "expert"]
 TargetKind = Literal["expert", "merged"]
 
@@ -102,8 +102,6 @@ class Row(_Strict):
         elif self.kind != "target" and (self.bits is not None or self.group_size is not None):
             # A target row may record the bit setting whose calibration produced its W*.
             raise bad("bits and group_size are only for quantized and target rows")
-        if self.quantizer in ("rtn", "gptq") and self.target is not None:
-            raise bad("target is an E-PMQ option; it must be null for rtn/gptq")
         return self
 
     @property

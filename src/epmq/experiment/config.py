@@ -26,7 +26,6 @@ from epmq.errors import EpmqError
 from epmq.models.registry import families
 
 DataFormat = Literal["csv", "jsonl", "npz", "imagefolder", "hf_disk"]
-Quantizer = Literal["rtn", "gptq", "epmq"]
 XSource = Literal["quantized", "merged", "expert"]
 Target = Literal["expert", "merged"]
 ExportFormat = Literal["compressed-tensors", "gptq", "dequantized"]
@@ -115,9 +114,13 @@ class MergeSpec(_Strict):
 
 
 class QuantizationSpec(_Strict):
-    """The quantizers, grids and E-PMQ settings, crossed with every merge."""
+    """The quantizers (registered solvers that round), grids and solver settings, crossed with
+    every merge. ``alpha``, ``target``, ``act_order``, ``percdamp`` and ``block_size`` reach
+    every solver that declares a parameter of that name; ``params`` sets any declared
+    parameter of one solver (``params: {awq: {grid_points: 20}}``)."""
 
-    methods: list[Quantizer] = Field(default_factory=lambda: ["rtn", "gptq", "epmq"])
+    methods: list[str] = Field(default_factory=lambda: ["rtn", "gptq", "epmq"])
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     bits: list[int] = Field(default_factory=lambda: [4, 3])
     group_sizes: list[int] = Field(default_factory=lambda: [-1])
     symmetric: bool = False
@@ -131,6 +134,43 @@ class QuantizationSpec(_Strict):
     alpha_sweep: list[float] = Field(default_factory=list)
     x_source_study: bool = False
     evaluate_target: bool = True
+
+    @field_validator("methods")
+    @classmethod
+    def _registered_solvers(cls, methods: list[str]) -> list[str]:
+        from epmq.quant.solvers import list_solvers
+
+        known = list_solvers(rounding=True)
+        for method in methods:
+            if method not in known:
+                raise ValueError(f"unknown quantizer {method!r}; choose from {', '.join(known)}")
+        return methods
+
+    @model_validator(mode="after")
+    def _solver_params_declared(self) -> QuantizationSpec:
+        for method in self.params:
+            if method not in self.methods:
+                raise ValueError(f"params: {method!r} is not one of the methods {self.methods}")
+        for method in self.methods:
+            try:
+                self.solver_params(method)
+            except EpmqError as exc:  # names the solver and the parameter
+                raise ValueError(str(exc)) from None
+        return self
+
+    def solver_params(self, method: str, **overrides: Any) -> dict[str, Any]:
+        """The parameters ``method`` is run with: the shared settings it declares, its own
+        ``params`` entry, then ``overrides`` (a study's α or target); validated."""
+        from epmq.quant.solvers import get_solver
+
+        solver = get_solver(method)
+        shared = {
+            "alpha": self.alpha, "target": self.target, "act_order": self.act_order,
+            "percdamp": self.percdamp, "block_size": self.block_size,
+        }  # fmt: skip
+        declared = {p.name for p in solver.params}
+        chosen = {k: v for k, v in {**shared, **overrides}.items() if k in declared}
+        return solver.resolve({**chosen, **self.params.get(method, {})})
 
     @field_validator("bits")
     @classmethod

@@ -9,7 +9,6 @@ head files) are stored beside the weights as ``heads/<task>.safetensors``; every
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,7 @@ from epmq.experiment.workload import Workload
 
 def variant_folder_name(variant: Variant) -> str:
     """A file-system-safe folder name for a variant (``task_arithmetic-epmq-w4-g128-a0.1``)."""
-    parts = [variant.merge, variant.quantizer or variant.kind, f"w{variant.bits}"]
-    if variant.group_size not in (None, -1):
-        parts.append(f"g{variant.group_size}")
-    if variant.quantizer == "epmq":
-        parts.append(f"a{variant.alpha:g}")
-        if variant.x_source not in (None, "quantized"):
-            parts.append(f"x-{variant.x_source}")
-        if variant.target == "merged":
-            parts.append("merged-targets")
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "-".join(parts))
+    return variant.slug
 
 
 class VariantExporter:

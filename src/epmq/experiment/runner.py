@@ -241,7 +241,7 @@ def _sweep_point(variant: Variant, accuracy: dict[str, float]) -> SweepPoint:
         merge=variant.merge,
         bits=variant.bits,
         group_size=None if variant.group_size in (None, -1) else variant.group_size,
-        quantizer="epmq",
+        quantizer=variant.quantizer,
         target=variant.target,  # type: ignore[arg-type]
         x_source=variant.x_source,  # type: ignore[arg-type]
         alpha=variant.alpha,
@@ -258,9 +258,14 @@ def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None
     group_size = None if group == -1 else group
     sweep = results.sweeps.setdefault(ALPHA_SWEEP, [])
     studied = config.merges[0].method  # the sweep runs on the first merge only (see plan)
-    rows = results.find(
-        kind="quantized", quantizer="epmq", bits=bits, group_size=group_size, merge=studied
-    )
+    rows = [
+        row
+        for method in q.methods
+        if get_solver(method).studied
+        for row in results.find(
+            kind="quantized", quantizer=method, bits=bits, group_size=group_size, merge=studied
+        )
+    ]
     for row in rows:
         if row.x_source == q.x_source and row.alpha in q.alpha_sweep:
             sweep.append(
@@ -268,7 +273,7 @@ def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None
                     merge=row.merge,
                     bits=bits,
                     group_size=group_size,
-                    quantizer="epmq",
+                    quantizer=row.quantizer,
                     target=row.target,
                     x_source=row.x_source,
                     alpha=row.alpha,
@@ -288,12 +293,15 @@ def _build_merge(
 ) -> nn.Module:
     """The full-precision merge of the experts into a copy of the base encoder."""
     from epmq.calib import quantize_model
+    from epmq.merging import get_method
     from epmq.merging import merge as merge_state_dicts
 
     experts = {t: _load(config, workload, d).state_dict() for t, d in workload.expert_dirs.items()}
-    # RegMean is data-driven: non-linear parameters are averaged here, then the calibration
-    # engine collects per-task Grams block by block and solves RegMean for every linear.
-    method, params = ("average", {}) if merge.method == "regmean" else (merge.method, merge.params)
+    # A data-driven merge (RegMean: its registry entry needs per-task Grams) averages the
+    # non-linear parameters here; then the calibration engine collects the Grams block by
+    # block and solves every linear with the layer-wise solver of the same name.
+    data_driven = get_method(merge.method).requires_grams
+    method, params = ("average", {}) if data_driven else (merge.method, merge.params)
     state = merge_state_dicts(
         base.state_dict(),
         list(experts.values()),
@@ -306,18 +314,16 @@ def _build_merge(
     model = copy.deepcopy(base)
     model.load_state_dict(state)
     del experts, state
-    if merge.method == "regmean":
-        from epmq.merging.methods.regmean import REDUCE_RATIO
-
+    if data_driven:
         quantize_model(
             model,
             None,
             workload.calibration,
-            method="regmean",
+            method=merge.method,
             experts=sources or _expert_sources(workload),
-            reduce_ratio=float(merge.params.get("reduce_ratio", REDUCE_RATIO)),
             progress=progress,
             device=config.device,
+            **merge.params,
         )
     return model.eval()
 
@@ -359,16 +365,8 @@ def _quantized_copy(
         grid = QuantGrid(
             bits=variant.bits or 4, group_size=variant.group_size or -1, symmetric=q.symmetric
         )
-    solver = get_solver(variant.quantizer or "epmq")
+    solver = get_solver(variant.quantizer or "")
     x_source = variant.x_source or "quantized"
-    settings = {
-        "alpha": variant.alpha if variant.alpha is not None else q.alpha,
-        "target": variant.target or "expert",
-        "act_order": q.act_order,
-        "percdamp": q.percdamp,
-        "block_size": q.block_size,
-    }
-    declared = {p.name for p in solver.params}
     run = quantize_model(
         model,
         None,
@@ -381,7 +379,7 @@ def _quantized_copy(
         progress=progress,
         stats_cache=cache if x_source == "merged" else None,
         device=config.device,
-        **{k: v for k, v in settings.items() if k in declared},
+        **q.solver_params(solver.name, **variant.overrides),
     )
     return model.eval(), run
 

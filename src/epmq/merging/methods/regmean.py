@@ -68,18 +68,23 @@ def solve_regmean(
     return torch.cholesky_solve(rhs.T, factor).T.to(weights.dtype)
 
 
+#: RegMean's parameters, declared once for the merge and the layer-wise solver
+#: (:mod:`epmq.quant.solvers.regmean`)
+PARAMS = (
+    Param(
+        "reduce_ratio",
+        float,
+        REDUCE_RATIO,
+        "scale of the Gram off-diagonals (1 = plain RegMean, 0 = diagonal)",
+        low=0.0,
+        high=1.0,
+    ),
+)
+
+
 @register_method(
     "regmean",
-    params=[
-        Param(
-            "reduce_ratio",
-            float,
-            REDUCE_RATIO,
-            "scale of the Gram off-diagonals (1 = plain RegMean, 0 = diagonal)",
-            low=0.0,
-            high=1.0,
-        )
-    ],
+    params=PARAMS,
     summary="per linear weight W = (sum W_i G_i)(sum G_i)^-1 from per-task Grams; rest averaged",
     requires_grams=True,
 )

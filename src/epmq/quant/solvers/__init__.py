@@ -8,6 +8,8 @@ from epmq.quant.solvers.registry import (
     list_solvers,
     register_solver,
     solution_of,
+    solver_label,
+    solver_rank,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "list_solvers",
     "register_solver",
     "solution_of",
+    "solver_label",
+    "solver_rank",
 ]

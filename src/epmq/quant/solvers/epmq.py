@@ -23,14 +23,22 @@ from epmq.quant.solvers.registry import LayerProblem, LayerSolution, register_so
 from epmq.quant.target import target_from_sums
 
 PARAMS = (
-    Param("alpha", float, 0.1, "anchor strength α toward the merged weights", low=0.0),
-    Param("target", str, "expert", "whose outputs are the targets", ("expert", "merged")),
+    Param(
+        "alpha", float, 0.1, "anchor strength α toward the merged weights", low=0.0,
+        label=lambda v: f"α={v:g}", slug=lambda v: f"a{v:g}",
+    ),
+    Param(
+        "target", str, "expert", "whose outputs are the targets", ("expert", "merged"),
+        label=lambda v: "merged targets" if v == "merged" else None,
+        slug=lambda v: "merged-targets" if v == "merged" else None,
+    ),
     *GPTQ_PARAMS,
-)
+)  # fmt: skip
 
 
 @register_solver(
     "epmq",
+    label="E-PMQ",
     params=PARAMS,
     summary="E-PMQ: GPTQ of the expert-guided target W* (anchored to the merge)",
     grid="optional",

@@ -89,6 +89,7 @@ class Solver(Declared):
     """A registered solver: its function, parameters and what it needs (module docs)."""
 
     fn: SolveFn
+    label: str = ""
     grid: GridNeed = "required"
     statistics: StatisticsNeed = "hessian"
     reads_experts: bool = False
@@ -96,6 +97,12 @@ class Solver(Declared):
     gram_inputs: Literal["model", "expert"] = "model"
     x_sources: tuple[str, ...] = X_SOURCES
     expert_targets: ExpertTargets = _always
+
+    @property
+    def studied(self) -> bool:
+        """Whether the solver fits expert-guided targets (``target`` statistics): the
+        X-source study and the α sweep of an experiment are about such solvers."""
+        return self.statistics == "target"
 
     @property
     def rounds(self) -> bool:
@@ -140,6 +147,7 @@ _REGISTRY: dict[str, Solver] = {}
 def register_solver(
     name: str,
     *,
+    label: str = "",
     params: Sequence[Param] = (),
     summary: str = "",
     grid: GridNeed = "required",
@@ -160,6 +168,7 @@ def register_solver(
             params=tuple(params),
             summary=summary or (fn.__doc__ or "").strip().splitlines()[0],
             fn=fn,
+            label=label or name.upper(),
             grid=grid,
             statistics=statistics,
             reads_experts=reads_experts,
@@ -191,6 +200,20 @@ def list_solvers(*, rounding: bool | None = None) -> list[str]:
     """Names of the registered solvers, sorted (``rounding=True``: only those that round)."""
     _load_builtin()
     return sorted(n for n, s in _REGISTRY.items() if rounding is None or s.rounds == rounding)
+
+
+def solver_rank(name: str) -> int:
+    """Where ``name`` was registered among the solvers (after all of them if it was not)."""
+    _load_builtin()
+    names = list(_REGISTRY)
+    return names.index(name) if name in names else len(names)
+
+
+def solver_label(name: str) -> str:
+    """A solver's display name (``E-PMQ``); an unregistered name (an old results file) as is."""
+    _load_builtin()
+    solver = _REGISTRY.get(name)
+    return name if solver is None else solver.label
 
 
 def solution_of(result: QuantResult) -> LayerSolution:

@@ -14,21 +14,14 @@ from typing import Any
 
 import torch
 
-from epmq.merging.methods.regmean import REDUCE_RATIO, solve_regmean
-from epmq.params import Param
+from epmq.merging.methods.regmean import PARAMS, solve_regmean
 from epmq.quant.grid import QuantGrid
 from epmq.quant.solvers.registry import LayerProblem, LayerSolution, register_solver
-
-PARAMS = (
-    Param(
-        "reduce_ratio", float, REDUCE_RATIO,
-        "scale of the Gram off-diagonals (1 = plain RegMean, 0 = diagonal)", low=0.0, high=1.0,
-    ),
-)  # fmt: skip
 
 
 @register_solver(
     "regmean",
+    label="RegMean",
     params=PARAMS,
     summary="RegMean merge of every linear from per-task Grams (no rounding)",
     grid="none",
