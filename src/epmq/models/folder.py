@@ -20,6 +20,10 @@ from epmq.errors import EpmqError
 _PASSED_CONFIG_WARNING = "You passed `quantization_config`"
 
 
+#: ``quantization_config.quant_method`` of a GPTQ checkpoint (a file format, not a solver)
+GPTQ_QUANT_METHOD = "gptq"
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
     """``folder/config.json`` as a dict (:class:`EpmqError` naming what is wrong)."""
     folder = Path(folder)
@@ -65,7 +69,7 @@ def quantization_kwargs(folder: str | Path) -> dict[str, Any]:
         from transformers import CompressedTensorsConfig
 
         return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-    if method == "gptq":
+    if method == GPTQ_QUANT_METHOD:
         raise EpmqError(
             f"{folder}: a 'gptq' checkpoint loads only in a GPTQ runtime (gptqmodel with optimum, "
             "or vLLM on a GPU); export it as 'compressed-tensors' or 'dequantized' to load it here"
