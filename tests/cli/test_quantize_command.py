@@ -319,3 +319,39 @@ def test_torchrun_two_ranks_equal_one_process(data: dict[str, Path], tmp_path: P
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
         else:
             assert torch.equal(got[key], value), key
+
+
+def test_merge_regmean_from_calibration_text(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``epmq merge --method regmean --calib ...``: the non-linear tensors averaged, every
+    linear solved by the layer-wise RegMean solver on the experts' own inputs; the same as the
+    averaged folder through ``quantize_model(method="regmean")``."""
+    from epmq.merging import merge_checkpoints
+
+    out = tmp_path / "regmean"
+    argv = ["merge", "--base", str(data["bert"]), "--expert", str(data["e0"]), "--expert",
+            str(data["e1"]), "--method", "regmean", "--param", "reduce_ratio=0.9",
+            *_calib_args(data), "--calib-size", "8", "--max-length", "16",
+            "--out", str(out)]  # fmt: skip
+    assert _run(argv, monkeypatch) == 0
+    averaged = merge_checkpoints(
+        data["bert"], [data["e0"], data["e1"]], tmp_path / "avg", "average"
+    )
+    model, adapter = load_model(averaged)
+    files = {"topic": data["topic"], "mood": data["mood"]}
+    calib, _ = load_calibration(
+        load_tokenizer(data["bert"]), files, size=8, max_length=16, batch_size=8
+    )
+    quantize_model(
+        model, adapter, calib, method="regmean", progress=False, reduce_ratio=0.9,
+        experts={"topic": data["e0"], "mood": data["e1"]},
+    )  # fmt: skip
+    merged, _ = load_model(out)
+    reference, average = model.state_dict(), load_model(averaged)[0].state_dict()
+    moved = 0
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
+        moved += not torch.equal(value, average[name])
+    assert moved >= 12  # every linear weight left the average
+    assert (out / "vocab.txt").is_file()

@@ -3,6 +3,8 @@
     epmq merge --base DIR --expert DIR [--expert DIR ...] --method ties \\
         --param density=0.2 --param scale=0.3 --include 'pattern' --exclude 'pattern' \\
         --out DIR [--force]
+    epmq merge --base DIR --expert A --expert B --method regmean \\
+        --calib a=a.txt --calib b=b.txt --out DIR      # Grams from calibration text
 
 Patterns are shell-style globs on parameter names. ``epmq merge --list-methods`` prints every
 method with its parameters and defaults.
@@ -11,7 +13,7 @@ method with its parameters and defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,6 +48,14 @@ def merge_command(
     grams: Annotated[
         Path | None, typer.Option("--grams", help="Per-task Grams file (regmean).")
     ] = None,
+    calib: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--calib", help="TASK=FILE per expert, in order: a data-driven merge (regmean)."
+        ),
+    ] = None,
+    calib_size: Annotated[int, typer.Option("--calib-size", help="Examples per task.")] = 128,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 128,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
     list_methods: Annotated[
@@ -67,6 +77,13 @@ def merge_command(
 
     assert method is not None and base is not None and out is not None
     params = get_method(method).parse(param or [])
+    if calib:
+        from epmq.calib.data_merge import merge_with_data
+
+        batches = _calibration(base, calib, calib_size, max_length)
+        written = merge_with_data(base, expert, out, method, batches, force=force, **params)
+        typer.echo(f"wrote {written} ({method} from calibration data, {len(expert)} experts)")
+        return
     written = merge_checkpoints(
         base,
         expert,
@@ -79,3 +96,21 @@ def merge_command(
         **params,
     )
     typer.echo(f"wrote {written} ({method}, {len(expert)} experts)")
+
+
+def _calibration(base: Path, calib: list[str], size: int, max_length: int) -> Any:
+    """The ``--calib`` files (one per expert) read, sampled and tokenized with the base's
+    tokenizer."""
+    from epmq.calib.text_data import load_calibration, load_tokenizer, parse_task_paths
+
+    for flag, value in (("--calib-size", size), ("--max-length", max_length)):
+        if value < 1:
+            raise EpmqError(f"{flag} must be >= 1, got {value}")
+    files = parse_task_paths(calib, "--calib")
+    for task, file in files.items():
+        if not file.is_file():
+            raise EpmqError(f"--calib {task}: file {file} does not exist")
+    batches, _ = load_calibration(
+        load_tokenizer(base), files, size=size, max_length=max_length, batch_size=8
+    )
+    return batches
