@@ -321,16 +321,20 @@ def test_missing_flags_and_existing_output(
     assert (out / "model.safetensors").is_file()
 
 
-def test_torchrun_two_ranks_equal_one_process(data: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_torchrun_two_ranks_equal_one_process(
+    data: dict[str, Path], tmp_path: Path, method: str
+) -> None:
     """``torchrun --nproc-per-node 2 -m epmq quantize`` (gloo, each rank a shard of every
     task's batches, the solves shared out): the same checkpoint as one process, up to float
-    summation order (integer codes equal, scales within float32 rounding)."""
+    summation order (integer codes equal, scales within float32 rounding). AWQ's input scales
+    are searched on every rank and folded there (norms, V and up rows)."""
     import os
     import subprocess
 
     from safetensors.torch import load_file
 
-    args = ["quantize", "--model", str(data["llama"]), "--method", "gptq", "--bits", "4",
+    args = ["quantize", "--model", str(data["llama"]), "--method", method, "--bits", "4",
             "--group-size", "32", "--dtype", "float32", "--device", "cpu", "--batch-size", "2",
             *_calib_args(data), *SMALL]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
