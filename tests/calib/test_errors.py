@@ -71,7 +71,7 @@ def test_epmq_needs_experts(setup: Setup) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "awq"}, "unknown method"),
+        ({"method": "nonesuch"}, "unknown method"),
         ({"x_source": "teacher"}, "x_source"),
         ({"target": "base"}, "target"),
         ({"method": "gptq", "grid": None}, "needs a quantization grid"),

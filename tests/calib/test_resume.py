@@ -26,7 +26,8 @@ def stop_after(block: int):
 
 
 @pytest.mark.parametrize(
-    ("method", "x_source"), [("gptq", "quantized"), ("epmq", "expert"), ("epmq", "merged")]
+    ("method", "x_source"),
+    [("gptq", "quantized"), ("epmq", "expert"), ("epmq", "merged"), ("awq", "quantized")],
 )
 def test_resume_equals_uninterrupted(setup: Setup, tmp_path, method: str, x_source: str) -> None:
     kwargs = dict(

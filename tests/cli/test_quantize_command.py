@@ -208,6 +208,44 @@ def test_gptq_llama_compressed_tensors(
     _assert_close_and_moved(_hidden(loaded, ids), _hidden(reference, ids), before, 2e-3)
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_awq_end_to_end(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    """AWQ folds its input scales into norms / V / up rows; the export still reloads as the
+    in-memory model (float32: 1e-5 x max |output|)."""
+    from transformers import CompressedTensorsConfig
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(data[arch]), "--method", "awq", "--bits", "4",
+            "--group-size", "16", "--param", "clip=true", "--dtype", "float32",
+            "--out", str(out), *_calib_args(data), *SMALL]  # fmt: skip
+    assert _run(argv, monkeypatch) == 0
+    auto, vocab = (BertModel, BERT_VOCAB) if arch == "bert" else (LlamaForCausalLM, len(WORDS) + 3)
+    loaded = auto.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    reference = _reference(data[arch], data, "awq", QuantGrid(4, 16), clip=True)
+    ids = _ids(vocab)
+    original = auto.from_pretrained(data[arch]).eval()
+    _assert_close_and_moved(
+        _hidden(loaded, ids), _hidden(reference, ids), _hidden(original, ids), 1e-5
+    )
+    folded = [n for n, p in reference.named_parameters() if "norm" in n.lower() or "value" in n]
+    moved = [
+        n for n in folded if not torch.equal(original.get_parameter(n), reference.get_parameter(n))
+    ]
+    assert moved  # a producer absorbed 1/s
+    record = json.loads((out / "epmq_record.json").read_text())["record"]
+    assert record["method"] == "awq" and all(r["proxy_loss"] >= 0 for r in record["layers"])
+
+
+def test_list_methods_shows_awq(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    assert _run(["quantize", "--list-methods"], monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "awq" in printed and "n_grid" in printed and "regmean" not in printed
+
+
 def test_resume_continues_an_interrupted_run(
     data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -283,16 +321,20 @@ def test_missing_flags_and_existing_output(
     assert (out / "model.safetensors").is_file()
 
 
-def test_torchrun_two_ranks_equal_one_process(data: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_torchrun_two_ranks_equal_one_process(
+    data: dict[str, Path], tmp_path: Path, method: str
+) -> None:
     """``torchrun --nproc-per-node 2 -m epmq quantize`` (gloo, each rank a shard of every
     task's batches, the solves shared out): the same checkpoint as one process, up to float
-    summation order (integer codes equal, scales within float32 rounding)."""
+    summation order (integer codes equal, scales within float32 rounding). AWQ's input scales
+    are searched on every rank and folded there (norms, V and up rows)."""
     import os
     import subprocess
 
     from safetensors.torch import load_file
 
-    args = ["quantize", "--model", str(data["llama"]), "--method", "gptq", "--bits", "4",
+    args = ["quantize", "--model", str(data["llama"]), "--method", method, "--bits", "4",
             "--group-size", "32", "--dtype", "float32", "--device", "cpu", "--batch-size", "2",
             *_calib_args(data), *SMALL]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from epmq.calib.capture import BlockCall
 from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
+from epmq.calib.fold import fold_input_scale, search_input_scales
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
 from epmq.calib.solve import SolveOptions, solve_layer
@@ -25,7 +26,7 @@ from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
-from epmq.quant.solvers import LayerProblem, LayerSolution
+from epmq.quant.solvers import LayerProblem
 
 Streams = dict[str, list[BlockCall]]
 
@@ -129,7 +130,7 @@ class BlockJob:
                 stats, _ = self._calibrate(
                     group, calls, twins, expert_calls, propagate=False, states=states, reuse=reuse
                 )
-                self._solve(group, stats, states, outcome)
+                self._solve(group, stats, states, outcome, reuse)
                 if reuse is not None:
                     reuse.mark_solved(group)
             next_calls = propagate(
@@ -164,8 +165,12 @@ class BlockJob:
     def load(self, weights: dict[str, Tensor]) -> None:
         """Write solved weights (keyed by module name) into the block."""
         for full, weight in weights.items():
-            module = self.block.get_submodule(full[len(self.prefix) + 1 :])
-            module.weight.data.copy_(weight.to(module.weight.dtype))
+            name = full[len(self.prefix) + 1 :]
+            if name.endswith(".bias"):  # a bias an input scale was folded into (calib/fold.py)
+                param = self.block.get_parameter(name)
+            else:
+                param = self.block.get_submodule(name).weight
+            param.data.copy_(weight.to(param.dtype))
 
     def _advance_experts(
         self, twins: list[nn.Module] | None, expert_calls: Streams | None
@@ -275,14 +280,23 @@ class BlockJob:
         stats: TaskStatistics | None,
         states: list[dict[str, Tensor]] | None,
         outcome: BlockOutcome,
+        reuse: FinalOutputs | None = None,
     ) -> None:
         """Solve ``names`` and write them into the block. Over several ranks the linears are
         shared out (weight-parallel: each rank solves its own, then every solution is
-        broadcast from the rank that owns it, :class:`GramReducer`)."""
+        broadcast from the rank that owns it, :class:`GramReducer`). A solver's input scales
+        are searched on every rank and folded into their producers (calib/fold.py)."""
         reducer = self.reducer
         owners = {name: 0 if reducer is None else reducer.owner(name) for name in names}
         mine = [n for n in names if reducer is None or owners[n] == reducer.rank]
-        solved = {name: self._solve_one(name, stats, states) for name in mine}
+        problem_of = None if stats is None else (lambda n: self._problem(n, stats, states))
+        folds, scale_of = search_input_scales(
+            self.block, self.adapter.input_producers, names, problem_of, self.options
+        )
+        solved = {
+            name: solve_layer(self._problem(name, stats, states, scale_of.get(name)), self.options)
+            for name in mine
+        }
         for name in names:
             module = self.block.get_submodule(name)
             full = f"{self.prefix}.{name}"
@@ -316,21 +330,30 @@ class BlockJob:
             )
             record.log()
             outcome.records.append(record)
+        for producer, s in folds.items():
+            fold_input_scale(self.block, self.prefix, producer, s, outcome.weights, outcome.results)
+            if reuse is not None:
+                reuse.forget(producer)
 
-    def _solve_one(
-        self, name: str, stats: TaskStatistics | None, states: list[dict[str, Tensor]] | None
-    ) -> LayerSolution:
-        """Solve linear ``name`` of the block from its statistics (unchanged block)."""
+    def _problem(
+        self,
+        name: str,
+        stats: TaskStatistics | None,
+        states: list[dict[str, Tensor]] | None,
+        input_scale: Tensor | None = None,
+    ) -> LayerProblem:
+        """The :class:`LayerProblem` of linear ``name`` (its weight as the block holds it)."""
         module = self.block.get_submodule(name)
         experts = None if states is None else [s[f"{name}.weight"] for s in states]
         problem = LayerProblem(
-            f"{self.prefix}.{name}", module.weight.detach().float(), None, None, experts
-        )
+            f"{self.prefix}.{name}", module.weight.detach().float(), None, None, experts,
+            input_scale=input_scale,
+        )  # fmt: skip
         if isinstance(stats, FoldedStatistics):
             problem.sums = stats.sums(name)
         elif stats is not None:  # solve_layer folds these itself
             problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
-        return solve_layer(problem, self.options)
+        return problem
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

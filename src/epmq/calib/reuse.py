@@ -63,6 +63,11 @@ class FinalOutputs:
         """Linears whose weights are final from now on."""
         self.solved.update(names)
 
+    def forget(self, name: str) -> None:
+        """Module ``name`` changed (an input scale folded into it): drop what contains it."""
+        for outer in [o for o in self.served if name == o or name.startswith(f"{o}.")]:
+            del self.served[outer]
+
     def _candidates(self) -> list[str]:
         """Sub-modules holding linears, all solved, not inside one already served."""
         out = []

@@ -72,8 +72,8 @@ def fold_tasks(
     return sums
 
 
-def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
-    """Solve ``problem`` with the run's solver (folding kept Grams into sums first)."""
+def prepare(problem: LayerProblem, options: SolveOptions) -> LayerProblem:
+    """Check ``problem`` against the solver's needs and fold kept Grams into sums."""
     solver = options.solver
     problem.merged = problem.merged.float()
     if problem.sums is None and problem.grams is None and solver.uses_inputs:
@@ -86,4 +86,17 @@ def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
         problem.sums = fold_tasks(
             problem.grams, weights, crosses, options.task_weights, problem.merged.device
         )
-    return solver.fn(problem, options.grid, options.params)
+    return problem
+
+
+def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
+    """Solve ``problem`` with the run's solver (folding kept Grams into sums first)."""
+    return options.solver.fn(prepare(problem, options), options.grid, options.params)
+
+
+def input_scale(problems: Sequence[LayerProblem], options: SolveOptions) -> Tensor | None:
+    """The solver's per-input-channel scale for linears reading one input (None: none)."""
+    search = options.solver.input_scales
+    if search is None:
+        return None
+    return search([prepare(p, options) for p in problems], options.grid, options.params)

@@ -118,6 +118,12 @@ class BlockAdapter:
     # -- what is solved -------------------------------------------------------------------
     #: True-sequential groups of linear names (relative to a block), in solving order.
     sequential_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    #: Linear name -> the module producing its input (relative to a block), where that
+    #: module's output channels can absorb a per-channel factor: a norm (weight and bias) or
+    #: a linear (rows), with only channel-wise ops between, and every reader of that output
+    #: listed. Solvers that rescale inputs (AWQ) fold ``1 / s`` there; unlisted linears keep
+    #: ``s = 1``.
+    input_producers: ClassVar[Mapping[str, str]] = {}
 
     def linear_groups(self, block: nn.Module) -> list[list[str]]:
         """Names (relative to ``block``) of the linears to solve, in true-sequential groups.

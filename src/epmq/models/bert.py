@@ -10,8 +10,9 @@ computes it. Linears per block, in true-sequential order: ``attention.self.{quer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -45,6 +46,11 @@ class BertAdapter(BlockAdapter):
     model_types = ("bert", "roberta", "xlm-roberta", "camembert")
     tasks = "epmq.heads.encoder:EncoderTasks"
     sequential_groups = _GROUPS
+    # post-norm: every LayerNorm output also feeds a residual, so only V -> output folds
+    input_producers: ClassVar[Mapping[str, str]] = {
+        "attention.output.dense": "attention.self.value",
+        "crossattention.output.dense": "crossattention.self.value",
+    }
 
     @staticmethod
     def load(path: str | Path, **kwargs: Any) -> nn.Module:

@@ -16,9 +16,9 @@ embeddings it (or any linear head trained on them) reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,13 @@ class ClipVisionAdapter(BlockAdapter):
     model_types = ("clip", "clip_vision_model")
     tasks = "epmq.heads.clip:ClipTasks"
     sequential_groups = _GROUPS
+    input_producers: ClassVar[Mapping[str, str]] = {
+        "self_attn.q_proj": "layer_norm1",
+        "self_attn.k_proj": "layer_norm1",
+        "self_attn.v_proj": "layer_norm1",
+        "self_attn.out_proj": "self_attn.v_proj",
+        "mlp.fc1": "layer_norm2",
+    }
 
     def stages(self, model: nn.Module) -> list[Stage]:
         return [self.find_stage(model, "vision", ("encoder.layers", "vision_model.encoder.layers"))]

@@ -18,9 +18,9 @@ whose continuation tokens have the highest log-likelihood.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,15 @@ class LlamaAdapter(BlockAdapter):
     model_types = ("llama", "mistral", "qwen2")
     tasks = "epmq.heads.text_to_text:CausalLMTasks"
     sequential_groups = _GROUPS
+    input_producers: ClassVar[Mapping[str, str]] = {
+        "self_attn.q_proj": "input_layernorm",
+        "self_attn.k_proj": "input_layernorm",
+        "self_attn.v_proj": "input_layernorm",
+        "self_attn.o_proj": "self_attn.v_proj",  # softmax(QKᵀ)V is linear in V's channels
+        "mlp.gate_proj": "post_attention_layernorm",
+        "mlp.up_proj": "post_attention_layernorm",
+        "mlp.down_proj": "mlp.up_proj",  # act(gate) * up is linear in up's channels
+    }
 
     def stages(self, model: nn.Module) -> list[Stage]:
         layer_types = getattr(getattr(model, "config", None), "layer_types", None)

@@ -25,7 +25,13 @@ only these declarations (it never compares names):
   without calibration data and needs one pass per block;
 - ``gram_inputs``: ``expert`` when, with the expert activation stream, its Grams are taken of
   the experts' own inputs (RegMean's), else ``model``;
-- ``x_sources``: the X-sources it supports.
+- ``x_sources``: the X-sources it supports;
+- ``input_scales``: a search, run once per group of linears reading one input that the model's
+  adapter can rescale (``BlockAdapter.input_producers``: a norm, or the rows of the linear
+  before), returning a per-input-channel ``s`` (or None). Each linear of the group is then
+  solved with ``problem.input_scale = s`` and must return a weight for the inputs ``x / s``
+  (``≈ W · diag(s)``, on its grid); the engine divides the producer's output channels by ``s``,
+  so the model computes ``Q · (x / s)`` and exports like any other solver (AWQ).
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class LayerProblem:
     experts: list[Tensor] | None
     #: ``S`` and ``B`` folded from the statistics (calib/statistics.py)
     sums: TargetSums | None = None
+    #: ``s`` from the solver's ``input_scales`` search: the layer will read ``x / s``
+    input_scale: Tensor | None = None
 
 
 @dataclass
@@ -78,6 +86,7 @@ class LayerSolution:
 
 SolveFn = Callable[[LayerProblem, QuantGrid | None, Mapping[str, Any]], LayerSolution]
 ExpertTargets = Callable[[Mapping[str, Any]], bool]
+ScaleSearch = Callable[[Sequence[LayerProblem], QuantGrid | None, Mapping[str, Any]], Tensor | None]
 
 
 def _always(params: Mapping[str, Any]) -> bool:
@@ -97,6 +106,7 @@ class Solver(Declared):
     gram_inputs: Literal["model", "expert"] = "model"
     x_sources: tuple[str, ...] = X_SOURCES
     expert_targets: ExpertTargets = _always
+    input_scales: ScaleSearch | None = None
 
     @property
     def studied(self) -> bool:
@@ -157,6 +167,7 @@ def register_solver(
     gram_inputs: Literal["model", "expert"] = "model",
     x_sources: Sequence[str] = X_SOURCES,
     expert_targets: ExpertTargets = _always,
+    input_scales: ScaleSearch | None = None,
 ) -> Callable[[SolveFn], SolveFn]:
     """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
 
@@ -176,6 +187,7 @@ def register_solver(
             gram_inputs=gram_inputs,
             x_sources=tuple(x_sources),
             expert_targets=expert_targets,
+            input_scales=input_scales,
         )
         return fn
 
