@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from epmq.calib import quantize_model
-from epmq.calib.block import propagate_calls
 from epmq.calib.capture import capture_stage_inputs
+from epmq.calib.propagate import propagate_calls
 from epmq.errors import EpmqError
 from epmq.models import adapter_for
 from epmq.models.bert import BertAdapter, load_bert

@@ -19,6 +19,7 @@ from epmq.calib.capture import BlockCall
 from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.fold import fold_input_scale, search_input_scales
+from epmq.calib.propagate import Streams, propagate, propagate_calls, served
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
 from epmq.calib.solve import SolveOptions, solve_layer
@@ -27,8 +28,6 @@ from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
 from epmq.quant.solvers import LayerProblem
-
-Streams = dict[str, list[BlockCall]]
 
 
 @dataclass
@@ -253,7 +252,7 @@ class BlockJob:
             )
             task_out: list[BlockCall] = []
             for b, call in enumerate(calls[task]):
-                with recorder, _served(reuse, self.adapter, task, b, call):
+                with recorder, served(reuse, self.adapter, task, b, call):
                     recorder.reset(call.mask, call.linear_masks)
                     out = call.run(self.block)
                 expert_inputs = None
@@ -358,48 +357,3 @@ class BlockJob:
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
-
-
-def _served(
-    reuse: FinalOutputs | None, adapter: BlockAdapter, task: str, index: int, call: BlockCall
-) -> contextlib.AbstractContextManager[None]:
-    """``reuse.call`` for one block call (a no-op without reuse)."""
-    if reuse is None:
-        return contextlib.nullcontext()
-    return reuse.call(task, index, adapter.hidden_states(call.args, call.kwargs))
-
-
-@torch.no_grad()
-def propagate_calls(
-    adapter: BlockAdapter,
-    stage: Stage,
-    index: int,
-    block: nn.Module,
-    calls: list[BlockCall],
-    *,
-    task: str = "",
-    reuse: FinalOutputs | None = None,
-) -> list[BlockCall]:
-    """Run ``block`` on each call; return the next block's calls."""
-    out = []
-    for b, call in enumerate(calls):
-        with _served(reuse, adapter, task, b, call):
-            out.append(call.advanced(adapter, stage, index, call.run(block)))
-    return out
-
-
-def propagate(
-    adapter: BlockAdapter,
-    stage: Stage,
-    index: int,
-    block: nn.Module,
-    calls: Streams,
-    *,
-    reuse: FinalOutputs | None = None,
-) -> Streams:
-    """:func:`propagate_calls` for every task (serving ``reuse``'s final outputs)."""
-    with reuse.pass_() if reuse is not None else contextlib.nullcontext():
-        return {
-            task: propagate_calls(adapter, stage, index, block, task_calls, task=task, reuse=reuse)
-            for task, task_calls in calls.items()
-        }
