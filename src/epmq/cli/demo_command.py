@@ -37,7 +37,7 @@ DEMO_MERGES = {
 def demo(
     suite: str = typer.Option("text8", help="Built-in suite (see epmq.suites.list_suites)."),
     merges: str = typer.Option("task_arithmetic,ties,regmean", help="Merges, comma-separated."),
-    methods: str = typer.Option("rtn,gptq,epmq", help="Quantizers, comma-separated."),
+    methods: str = typer.Option("rtn,gptq,awq,epmq", help="Quantizers, comma-separated."),
     bits: str = typer.Option("4,3", help="Bit widths, comma-separated."),
     group_sizes: str = typer.Option("-1,128", help="Group sizes (-1: per channel), e.g. -1,128."),
     alpha: float = typer.Option(0.1, help="E-PMQ anchor strength α."),
