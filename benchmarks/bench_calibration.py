@@ -71,6 +71,7 @@ def child(args: argparse.Namespace) -> None:
     from epmq.calib import SafetensorsExpert, quantize_model
     from epmq.models.bert import BertAdapter, load_bert
     from epmq.quant import QuantGrid
+    from epmq.quant.solvers import get_solver
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -92,6 +93,7 @@ def child(args: argparse.Namespace) -> None:
     gc.collect()
     rss_start = status_bytes("VmRSS")
     reset = reset_peak_rss()
+    solver = get_solver(args.method)
     cpu_before = cpu_seconds()
     start = time.perf_counter()
     run = quantize_model(
@@ -100,10 +102,10 @@ def child(args: argparse.Namespace) -> None:
         calib,
         method=args.method,
         grid=QuantGrid(args.bits, group_size=args.group_size),
-        experts=experts if args.method == "epmq" else None,
-        alpha=0.1,
+        experts=experts if solver.reads_experts or args.x_source == "expert" else None,
         x_source=args.x_source,
         progress=False,
+        **({"alpha": 0.1} if any(p.name == "alpha" for p in solver.params) else {}),
     )
     seconds = time.perf_counter() - start
     cpu = cpu_seconds() - cpu_before

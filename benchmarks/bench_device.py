@@ -51,6 +51,14 @@ RUNS = {
 }
 
 
+def declared(method: str, **settings: Any) -> dict[str, Any]:
+    """The ``settings`` that ``method``'s solver declares as parameters (the others refuse)."""
+    from epmq.quant.solvers import get_solver
+
+    names = {p.name for p in get_solver(method).params}
+    return {k: v for k, v in settings.items() if k in names}
+
+
 def build(args: argparse.Namespace, root: Path) -> tuple[Any, dict[str, Any], list[Path]]:
     """The merged model (CPU, ``args.dtype``), its state, and the K expert folders."""
     import torch
@@ -164,8 +172,8 @@ def run_one(
     run = quantize_model(
         model, LlamaAdapter(), calib, method=method,
         grid=QuantGrid(bits=4, group_size=128, symmetric=True), experts=experts,
-        alpha=0.1, x_source=x_source, progress=False, on_block_end=block_done,
-        device=args.device,
+        x_source=x_source, progress=False, on_block_end=block_done,
+        device=args.device, **declared(method, alpha=0.1),
     )  # fmt: skip
     wall = time.perf_counter() - start
     per_block = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]

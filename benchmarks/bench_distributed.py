@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_device import PRESETS, RUNS, build, calibration
+from bench_device import PRESETS, RUNS, build, calibration, declared
 
 
 def child(args: argparse.Namespace) -> None:
@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
         run = quantize_model(
             model, LlamaAdapter(), calib, method=method,
             grid=QuantGrid(bits=4, group_size=128, symmetric=True), experts=experts,
-            alpha=0.1, x_source=x_source, progress=False,
+            x_source=x_source, progress=False, **declared(method, alpha=0.1),
         )  # fmt: skip
         seconds = time.perf_counter() - start
         if rank == 0:
