@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.quant import QuantGrid
 
 GRID = QuantGrid(4, 128)
@@ -66,7 +66,15 @@ def ours(
     model = copy.deepcopy(base)
     batches = {"calib": [{"input_ids": calib[i : i + 8]} for i in range(0, len(calib), 8)]}
     start = time.perf_counter()
-    quantize_model(model, None, batches, method=method, grid=GRID, progress=False, **params)
+    quantize_model(
+        model,
+        None,
+        batches,
+        method=method,
+        grid=GRID,
+        **params,
+        engine=EngineOptions(progress=False),
+    )
     return model, time.perf_counter() - start
 
 
@@ -117,9 +125,14 @@ def layer_table(base: torch.nn.Module, calib: torch.Tensor, block: int) -> dict[
     table: dict[str, dict] = {}
     for method in ("rtn", "gptq", "awq"):
         run = quantize_model(
-            copy.deepcopy(base), None, batches, method=method, grid=GRID, x_source="merged",
-            progress=False,
-        )  # fmt: skip
+            copy.deepcopy(base),
+            None,
+            batches,
+            method=method,
+            grid=GRID,
+            x_source="merged",
+            engine=EngineOptions(progress=False),
+        )
         for record in run.layers:
             if f"layers.{block}." in record.name:
                 short = record.name.split(f"layers.{block}.")[1]

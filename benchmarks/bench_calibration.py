@@ -68,7 +68,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     import transformers
 
-    from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
     from epmq.models.bert import BertAdapter, load_bert
     from epmq.quant import QuantGrid
     from epmq.quant.solvers import get_solver
@@ -104,8 +104,8 @@ def child(args: argparse.Namespace) -> None:
         grid=QuantGrid(args.bits, group_size=args.group_size),
         experts=experts if solver.reads_experts or args.x_source == "expert" else None,
         x_source=args.x_source,
-        progress=False,
         **({"alpha": 0.1} if any(p.name == "alpha" for p in solver.params) else {}),
+        engine=EngineOptions(progress=False),
     )
     seconds = time.perf_counter() - start
     cpu = cpu_seconds() - cpu_before

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from epmq.calib import SafetensorsExpert, quantize_model
+from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
 from epmq.export import export_checkpoint, float16_checkpoint_bytes
 from epmq.merging import merge
 from epmq.quant import QuantGrid
@@ -120,7 +120,7 @@ def main() -> None:
             grid=QuantGrid(bits=bits, group_size=group_size, symmetric=symmetric),
             experts=sources,
             alpha=args.alpha,
-            progress=False,
+            engine=EngineOptions(progress=False),
         )
         seconds = time.perf_counter() - start
         grid = f"{bits}-bit, {'per channel' if group_size < 0 else f'g{group_size}'}"

@@ -145,7 +145,7 @@ def run_one(
 ) -> dict[str, Any]:
     import torch
 
-    from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
     from epmq.models.llama import LlamaAdapter
     from epmq.quant import QuantGrid
 
@@ -170,11 +170,16 @@ def run_one(
         stamps.append(time.perf_counter())
 
     run = quantize_model(
-        model, LlamaAdapter(), calib, method=method,
-        grid=QuantGrid(bits=4, group_size=128, symmetric=True), experts=experts,
-        x_source=x_source, progress=False, on_block_end=block_done,
-        device=args.device, **declared(method, alpha=0.1),
-    )  # fmt: skip
+        model,
+        LlamaAdapter(),
+        calib,
+        method=method,
+        grid=QuantGrid(bits=4, group_size=128, symmetric=True),
+        experts=experts,
+        x_source=x_source,
+        **declared(method, alpha=0.1),
+        engine=EngineOptions(progress=False, on_block_end=block_done, device=args.device),
+    )
     wall = time.perf_counter() - start
     per_block = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     losses = [r.proxy_loss for r in run.layers]

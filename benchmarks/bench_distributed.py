@@ -31,7 +31,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
     from epmq.calib.distributed import launched_group, shard
     from epmq.models.llama import LlamaAdapter
     from epmq.quant import QuantGrid
@@ -45,10 +45,16 @@ def child(args: argparse.Namespace) -> None:
         calib = shard(calibration(args), rank, world)
         start = time.perf_counter()
         run = quantize_model(
-            model, LlamaAdapter(), calib, method=method,
-            grid=QuantGrid(bits=4, group_size=128, symmetric=True), experts=experts,
-            x_source=x_source, progress=False, **declared(method, alpha=0.1),
-        )  # fmt: skip
+            model,
+            LlamaAdapter(),
+            calib,
+            method=method,
+            grid=QuantGrid(bits=4, group_size=128, symmetric=True),
+            experts=experts,
+            x_source=x_source,
+            **declared(method, alpha=0.1),
+            engine=EngineOptions(progress=False),
+        )
         seconds = time.perf_counter() - start
         if rank == 0:
             codes = {name: r.codes for name, r in run.results.items()}

@@ -19,7 +19,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import epmq.calib.block
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.reuse import FinalOutputs
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
@@ -62,7 +62,12 @@ def main() -> None:
             copy_ = copy.deepcopy(model)
             start = time.perf_counter()
             quantize_model(
-                copy_, BertAdapter(), calib, method="gptq", grid=QuantGrid(3), progress=False
+                copy_,
+                BertAdapter(),
+                calib,
+                method="gptq",
+                grid=QuantGrid(3),
+                engine=EngineOptions(progress=False),
             )
             best[mode] = min(best[mode], time.perf_counter() - start)
             weights[mode] = {n: p.detach().clone() for n, p in copy_.named_parameters()}

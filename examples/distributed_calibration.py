@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from transformers import BertConfig, BertModel
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
 
@@ -89,9 +89,14 @@ def main() -> None:
     merged, experts = build()
     shard = {task: batches[rank::world] for task, batches in calibration().items()}
     run = quantize_model(
-        merged, BertAdapter(), shard, method=METHOD, grid=QuantGrid(4, group_size=32),
-        experts=experts if METHOD == "epmq" else None, progress=rank == 0,
-    )  # fmt: skip
+        merged,
+        BertAdapter(),
+        shard,
+        method=METHOD,
+        grid=QuantGrid(4, group_size=32),
+        experts=experts if METHOD == "epmq" else None,
+        engine=EngineOptions(progress=rank == 0),
+    )
     digests = [digest(merged)]
     if world > 1:
         digests = [""] * world

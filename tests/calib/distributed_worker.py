@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from calib_fixtures import Setup, make_calib
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.distributed import GramReducer
 from epmq.errors import EpmqError
 from epmq.quant import QuantGrid
@@ -27,9 +27,14 @@ def solved(setup: Setup, calib: dict, method: str, distributed: bool | None) -> 
     model = setup.merged()
     experts = setup.experts if method == "epmq" else None
     run = quantize_model(
-        model, None, calib, method=method, grid=GRID, experts=experts, progress=False,
-        distributed=distributed,
-    )  # fmt: skip
+        model,
+        None,
+        calib,
+        method=method,
+        grid=GRID,
+        experts=experts,
+        engine=EngineOptions(progress=False, distributed=distributed),
+    )
     return {
         "results": {
             name: {key: getattr(r, key) for key in ("weight", "codes", "scales", "zeros")}

@@ -16,7 +16,7 @@ from calib_fixtures import make_base, make_calib
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import epmq.calib.block as block_module
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.export import export_checkpoint
 from epmq.models.bert import BertAdapter
 from epmq.models.llama import LlamaAdapter
@@ -60,7 +60,15 @@ def _quantize_recording(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
         fold(block, prefix, producer, s, weights, results)
 
     monkeypatch.setattr(block_module, "fold_input_scale", recording)
-    run = quantize_model(model, None, _calib(), method="awq", grid=GRID, progress=False, **kwargs)
+    run = quantize_model(
+        model,
+        None,
+        _calib(),
+        method="awq",
+        grid=GRID,
+        **kwargs,
+        engine=EngineOptions(progress=False),
+    )
     return run, folds
 
 
@@ -102,7 +110,7 @@ def test_awq_beats_rtn_on_every_shared_input() -> None:
     """Same statistics for both (``x_source="merged"``): per group of linears reading one
     input the summed loss is at most RTN's; linears alone on their input are never worse."""
     base = _llama(4)
-    kwargs = dict(grid=GRID, x_source="merged", progress=False)
+    kwargs = dict(grid=GRID, x_source="merged", engine=EngineOptions(progress=False))
     awq = quantize_model(copy.deepcopy(base), None, _calib(), method="awq", **kwargs)
     rtn = quantize_model(copy.deepcopy(base), None, _calib(), method="rtn", **kwargs)
     ours = {r.name: r.proxy_loss for r in awq.layers}
@@ -129,7 +137,15 @@ def test_export_reloads_the_quantized_model(tmp_path: Path) -> None:
 
     pytest.importorskip("compressed_tensors")
     model = _llama(4)
-    run = quantize_model(model, None, _calib(), method="awq", grid=GRID, progress=False, clip=True)
+    run = quantize_model(
+        model,
+        None,
+        _calib(),
+        method="awq",
+        grid=GRID,
+        clip=True,
+        engine=EngineOptions(progress=False),
+    )
     out = tmp_path / "ct"
     export_checkpoint(model, run.results, out, format="compressed-tensors", dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -163,7 +179,7 @@ def test_resume_replays_folded_biases(tmp_path: Path) -> None:
                     p.copy_(0.1 * torch.randn(p.shape, generator=gen))
         return model
 
-    calib, kwargs = make_calib(), dict(method="awq", grid=QuantGrid(3, 16), progress=False)
+    calib, kwargs = make_calib(), dict(method="awq", grid=QuantGrid(3, 16))
     full = merged()
     quantize_model(full, BertAdapter(), calib, **kwargs)
     value = "encoder.layer.1.attention.self.value.bias"
@@ -171,11 +187,16 @@ def test_resume_replays_folded_biases(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Stop):
         quantize_model(
-            merged(), BertAdapter(), calib, checkpoint_dir=ckpt,
-            on_block_end=_stop_after_block_0, **kwargs,
-        )  # fmt: skip
+            merged(),
+            BertAdapter(),
+            calib,
+            **kwargs,
+            engine=EngineOptions(checkpoint_dir=ckpt, on_block_end=_stop_after_block_0),
+        )
     resumed = merged()
-    run = quantize_model(resumed, BertAdapter(), calib, checkpoint_dir=ckpt, **kwargs)
+    run = quantize_model(
+        resumed, BertAdapter(), calib, **kwargs, engine=EngineOptions(checkpoint_dir=ckpt)
+    )
     assert run.resumed_blocks == 1
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from calib_fixtures import Setup, make_calib
 from distributed_worker import BATCHES, METHODS, run_rank, solved
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.distributed import GramReducer
 from epmq.errors import EpmqError
 from epmq.quant import QuantGrid
@@ -65,6 +65,10 @@ def test_no_process_group_means_no_reduction(setup: Setup) -> None:
         GramReducer(True)
     with pytest.raises(EpmqError, match="process group"):
         quantize_model(
-            setup.merged(), None, setup.calib, method="rtn", grid=QuantGrid(4),
-            progress=False, distributed=True,
-        )  # fmt: skip
+            setup.merged(),
+            None,
+            setup.calib,
+            method="rtn",
+            grid=QuantGrid(4),
+            engine=EngineOptions(progress=False, distributed=True),
+        )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from calib_fixtures import Setup, outputs, task_error
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
 from solver_params import params_for
@@ -18,7 +18,7 @@ LINEARS_PER_BLOCK = 6
 
 def run(setup: Setup, **kwargs):
     model = setup.merged()
-    kwargs.setdefault("progress", False)
+    kwargs.setdefault("engine", EngineOptions(progress=False))
     result = quantize_model(model, BertAdapter(), setup.calib, **kwargs)
     return model, result
 
@@ -62,7 +62,12 @@ def test_weights_lie_on_grid_and_match_results(setup: Setup) -> None:
 def test_half_precision_model_keeps_a_float32_result_weight(setup: Setup) -> None:
     model = setup.merged().to(torch.bfloat16)
     run_ = quantize_model(
-        model, BertAdapter(), setup.calib, method="rtn", grid=QuantGrid(8), progress=False
+        model,
+        BertAdapter(),
+        setup.calib,
+        method="rtn",
+        grid=QuantGrid(8),
+        engine=EngineOptions(progress=False),
     )
     params = dict(model.named_parameters())
     for name, res in run_.results.items():
@@ -159,7 +164,9 @@ def test_true_sequential_off_differs_but_runs(setup: Setup) -> None:
 
 def test_record_is_written_as_json(setup: Setup, tmp_path) -> None:
     out = tmp_path / "run.json"
-    _, result = run(setup, method="gptq", grid=QuantGrid(4), output=out)
+    _, result = run(
+        setup, method="gptq", grid=QuantGrid(4), engine=EngineOptions(progress=False, output=out)
+    )
     data = json.loads(out.read_text())
     assert data["settings"]["method"] == "gptq"
     assert [row["name"] for row in data["layers"]] == [r.name for r in result.layers]
@@ -170,7 +177,12 @@ def test_record_is_written_as_json(setup: Setup, tmp_path) -> None:
 
 
 def test_keep_grams_for_regmean(setup: Setup) -> None:
-    _, result = run(setup, method="gptq", grid=QuantGrid(4), keep_grams=True)
+    _, result = run(
+        setup,
+        method="gptq",
+        grid=QuantGrid(4),
+        engine=EngineOptions(progress=False, keep_grams=True),
+    )
     grams = result.grams["encoder.layer.0.intermediate.dense.weight"]
     assert len(grams) == 3 and grams[0].shape == (32, 32)
     torch.testing.assert_close(grams[0], grams[0].T)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from calib_fixtures import Setup
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
@@ -20,8 +20,7 @@ def quantize(setup: Setup, model=None, calib=None, **kwargs):
         model if model is not None else setup.merged(),
         BertAdapter(),
         calib if calib is not None else setup.calib,
-        progress=False,
-        **kwargs,
+        **{"engine": EngineOptions(progress=False), **kwargs},
     )
 
 
@@ -38,7 +37,11 @@ def test_nan_in_merged_weights_fails_before_work(setup: Setup) -> None:
         model.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
     calls = []
     with pytest.raises(EpmqError, match=r"encoder\.layer\.1\.intermediate\.dense\.weight"):
-        quantize(setup, model=model, on_block_end=lambda s, i: calls.append(i))
+        quantize(
+            setup,
+            model=model,
+            engine=EngineOptions(on_block_end=lambda s, i: calls.append(i), progress=False),
+        )
     assert calls == []
 
 

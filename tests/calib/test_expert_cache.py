@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from epmq.calib import StateDictExpert, quantize_model
+from epmq.calib import EngineOptions, StateDictExpert, quantize_model
 from epmq.calib.expert_cache import CacheBudget, CachedExpert
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
@@ -40,9 +40,14 @@ def test_runs_with_cached_experts_equal_runs_with_the_sources(setup) -> None:
     for experts in (sources, cached, cached):
         model = setup.merged()
         quantize_model(
-            model, BertAdapter(), setup.calib, method="epmq", grid=QuantGrid(3),
-            experts=experts, progress=False,
-        )  # fmt: skip
+            model,
+            BertAdapter(),
+            setup.calib,
+            method="epmq",
+            grid=QuantGrid(3),
+            experts=experts,
+            engine=EngineOptions(progress=False),
+        )
         weights.append(model.state_dict())
         reads.append(sum(s.reads for s in sources))
     assert reads[1] == 2 * reads[0] and reads[2] == reads[1]  # the second cached run read none

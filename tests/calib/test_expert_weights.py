@@ -9,7 +9,7 @@ import torch
 from calib_fixtures import Setup
 from safetensors.torch import save_file
 
-from epmq.calib import SafetensorsExpert, StateDictExpert, quantize_model
+from epmq.calib import EngineOptions, SafetensorsExpert, StateDictExpert, quantize_model
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
@@ -65,7 +65,7 @@ def test_run_from_folders_equals_run_from_state_dicts(setup: Setup, tmp_path) ->
                 {k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors")
             )
         folders.append(folder)
-    kwargs = dict(method="epmq", grid=QuantGrid(4), alpha=0.1, progress=False)
+    kwargs = dict(method="epmq", grid=QuantGrid(4), alpha=0.1, engine=EngineOptions(progress=False))
     a, b = setup.merged(), setup.merged()
     quantize_model(a, BertAdapter(), setup.calib, experts=setup.experts, **kwargs)
     quantize_model(b, BertAdapter(), setup.calib, experts=folders, **kwargs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.capture import capture_stage_inputs
 from epmq.calib.statistics import LinearInputs
 from epmq.models.adapter import BlockAdapter
@@ -54,9 +54,13 @@ def test_cross_attention_kv_grams_use_the_encoder_mask(enc_len: int, dec_len: in
     model = tiny_t5()
     batches = [padded_batch(1, enc_len, dec_len), padded_batch(2, enc_len, dec_len)]
     run = quantize_model(
-        model, T5Adapter(), {"task": batches}, method="rtn", grid=QuantGrid(4),
-        keep_grams=True, progress=False,
-    )  # fmt: skip
+        model,
+        T5Adapter(),
+        {"task": batches},
+        method="rtn",
+        grid=QuantGrid(4),
+        engine=EngineOptions(keep_grams=True, progress=False),
+    )
     # The decoder saw the encoder as solved: the same encoder the model holds now.
     with torch.no_grad():
         states = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from calib_fixtures import Setup
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
@@ -35,7 +35,6 @@ def test_resume_equals_uninterrupted(setup: Setup, tmp_path, method: str, x_sour
         grid=QuantGrid(3, group_size=16),
         experts=setup.experts,
         x_source=x_source,
-        progress=False,
         **params_for(method, alpha=0.05),
     )
     full = setup.merged()
@@ -48,16 +47,19 @@ def test_resume_equals_uninterrupted(setup: Setup, tmp_path, method: str, x_sour
             interrupted,
             BertAdapter(),
             setup.calib,
-            checkpoint_dir=ckpt,
-            on_block_end=stop_after(0),
             **kwargs,
+            engine=EngineOptions(checkpoint_dir=ckpt, on_block_end=stop_after(0)),
         )
     assert (ckpt / "encoder-block-0000.safetensors").is_file()
     assert not (ckpt / "encoder-block-0001.safetensors").exists()
 
     resumed_model = setup.merged()  # a fresh process would reload the merged model
     resumed = quantize_model(
-        resumed_model, BertAdapter(), setup.calib, checkpoint_dir=ckpt, **kwargs
+        resumed_model,
+        BertAdapter(),
+        setup.calib,
+        **kwargs,
+        engine=EngineOptions(checkpoint_dir=ckpt),
     )
     assert resumed.resumed_blocks == 1
     for (name, a), b in zip(full.named_parameters(), resumed_model.parameters(), strict=True):
@@ -81,8 +83,7 @@ def test_checkpoint_with_other_settings_is_refused(setup: Setup, tmp_path) -> No
         setup.calib,
         method="rtn",
         grid=QuantGrid(4),
-        checkpoint_dir=ckpt,
-        progress=False,
+        engine=EngineOptions(checkpoint_dir=ckpt, progress=False),
     )
     with pytest.raises(EpmqError, match="grid"):
         quantize_model(
@@ -91,6 +92,5 @@ def test_checkpoint_with_other_settings_is_refused(setup: Setup, tmp_path) -> No
             setup.calib,
             method="rtn",
             grid=QuantGrid(3),
-            checkpoint_dir=ckpt,
-            progress=False,
+            engine=EngineOptions(checkpoint_dir=ckpt, progress=False),
         )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from calib_fixtures import Setup
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.stats_cache import StatsCache
 from epmq.errors import EpmqError
 from epmq.models.bert import BertAdapter
@@ -15,7 +15,7 @@ from epmq.quant import QuantGrid
 
 def run(setup: Setup, calib, **kwargs):
     model = setup.merged()
-    kwargs.setdefault("progress", False)
+    kwargs.setdefault("engine", EngineOptions(progress=False))
     return model, quantize_model(model, BertAdapter(), calib, **kwargs)
 
 
@@ -66,7 +66,12 @@ def test_cached_merged_statistics_give_identical_variants(
         for number, variant in enumerate(VARIANTS):
             kwargs = {**variant, "experts": setup.experts, "x_source": "merged"}
             fresh = run(setup, setup.calib, **kwargs)
-            cached = run(setup, setup.calib, stats_cache=cache, **kwargs)
+            cached = run(
+                setup,
+                setup.calib,
+                **kwargs,
+                engine=EngineOptions(progress=False, stats_cache=cache),
+            )
             assert cache.complete
             assert cache.hits == 2 * number  # the first cached run filled it, the rest read it
             assert_same_run(fresh, cached)
@@ -77,9 +82,29 @@ def test_cached_merged_statistics_give_identical_variants(
 
 def test_cache_refuses_other_data_and_x_sources(setup: Setup) -> None:
     cache = StatsCache()
-    run(setup, setup.calib, method="gptq", grid=QuantGrid(4), x_source="merged", stats_cache=cache)
+    run(
+        setup,
+        setup.calib,
+        method="gptq",
+        grid=QuantGrid(4),
+        x_source="merged",
+        engine=EngineOptions(progress=False, stats_cache=cache),
+    )
     fewer = {task: batches[:1] for task, batches in setup.calib.items()}
     with pytest.raises(EpmqError, match="other data"):
-        run(setup, fewer, method="gptq", grid=QuantGrid(4), x_source="merged", stats_cache=cache)
+        run(
+            setup,
+            fewer,
+            method="gptq",
+            grid=QuantGrid(4),
+            x_source="merged",
+            engine=EngineOptions(progress=False, stats_cache=cache),
+        )
     with pytest.raises(EpmqError, match="x_source='merged'"):
-        run(setup, setup.calib, method="gptq", grid=QuantGrid(4), stats_cache=cache)
+        run(
+            setup,
+            setup.calib,
+            method="gptq",
+            grid=QuantGrid(4),
+            engine=EngineOptions(progress=False, stats_cache=cache),
+        )

@@ -19,7 +19,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
 from epmq.cli import main
 from epmq.cli.quantize_command import resume_dir
@@ -117,7 +117,15 @@ def _reference(
         load_tokenizer(folder), files, size=8, max_length=16, batch_size=8, seed=0,
         input_names=model_input_names(model),
     )  # fmt: skip
-    quantize_model(model, adapter, calib, method=method, grid=grid, progress=False, **kwargs)
+    quantize_model(
+        model,
+        adapter,
+        calib,
+        method=method,
+        grid=grid,
+        **kwargs,
+        engine=EngineOptions(progress=False),
+    )
     return model
 
 
@@ -386,9 +394,14 @@ def test_merge_regmean_from_calibration_text(
         load_tokenizer(data["bert"]), files, size=8, max_length=16, batch_size=8
     )
     quantize_model(
-        model, adapter, calib, method="regmean", progress=False, reduce_ratio=0.9,
+        model,
+        adapter,
+        calib,
+        method="regmean",
+        reduce_ratio=0.9,
         experts={"topic": data["e0"], "mood": data["e1"]},
-    )  # fmt: skip
+        engine=EngineOptions(progress=False),
+    )
     merged, _ = load_model(out)
     reference, average = model.state_dict(), load_model(averaged)[0].state_dict()
     moved = 0

@@ -12,12 +12,14 @@ import pytest
 
 from epmq.cli import main
 from epmq.errors import EpmqError
+from epmq.eval.gains import attribute
 from epmq.eval.plots import accuracy_by_bits, alpha_sweep, build_plots, per_task_bars
-from epmq.eval.report import attribute, render_markdown, write_report
+from epmq.eval.report import render_markdown, write_report
 from epmq.eval.results import Machine, Results, Row, SweepPoint, Versions
 
 TASKS = ["sst", "news", "digits"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+A = {"alpha": 0.1}  # E-PMQ's parameters in the rows below
 
 
 def row(name: str, kind: str, accs: tuple[float, ...], **fields: Any) -> Row:
@@ -34,30 +36,76 @@ def make_results(*, sweep: bool = True) -> Results:
         row("pretrained", "pretrained", (0.50, 0.40, 0.30)),
         row("experts", "expert", (0.90, 0.80, 0.70)),
         row("ta", "merged", (0.80, 0.70, 0.60), merge="ta"),
-        row("ta-target", "target", (0.85, 0.75, 0.65), merge="ta", alpha=0.1),
+        row(
+            "ta-target",
+            "target",
+            (0.85, 0.75, 0.65),
+            merge="ta",
+            quantizer="epmq",
+            params={"alpha": 0.1},
+        ),
         q("ta-rtn-4", "ta", "rtn", 4, (0.70, 0.60, 0.50)),
         q("ta-gptq-4", "ta", "gptq", 4, (0.75, 0.65, 0.55)),
-        q("ta-epmq-4", "ta", "epmq", 4, (0.84, 0.74, 0.64), alpha=0.1, x_source="quantized"),
-        q("ta-epmq-4-xm", "ta", "epmq", 4, (0.82, 0.72, 0.62), alpha=0.1, x_source="merged"),
-        q("ta-epmq-4-xe", "ta", "epmq", 4, (0.83, 0.73, 0.63), alpha=0.1, x_source="expert"),
-        q("ta-epmq-4-mt", "ta", "epmq", 4, (0.75, 0.65, 0.56), alpha=0.1, target="merged"),
+        q("ta-epmq-4", "ta", "epmq", 4, (0.84, 0.74, 0.64), params=A, x_source="quantized"),
+        q(
+            "ta-epmq-4-xm",
+            "ta",
+            "epmq",
+            4,
+            (0.82, 0.72, 0.62),
+            params=A,
+            x_source="merged",
+            study="x_source",
+        ),
+        q(
+            "ta-epmq-4-xe",
+            "ta",
+            "epmq",
+            4,
+            (0.83, 0.73, 0.63),
+            params=A,
+            x_source="expert",
+            study="x_source",
+        ),
+        q(
+            "ta-epmq-4-mt",
+            "ta",
+            "epmq",
+            4,
+            (0.75, 0.65, 0.56),
+            params={**A, "target": "merged"},
+            study="target",
+        ),
         q("ta-rtn-3", "ta", "rtn", 3, (0.50, 0.40, 0.30)),
         q("ta-gptq-3", "ta", "gptq", 3, (0.60, 0.50, 0.40)),
-        q("ta-epmq-3", "ta", "epmq", 3, (0.72, 0.62, 0.52), alpha=0.1, x_source="quantized"),
+        q("ta-epmq-3", "ta", "epmq", 3, (0.72, 0.62, 0.52), params=A, x_source="quantized"),
         row("ties", "merged", (0.85, 0.75, 0.65), merge="ties"),
-        row("ties-target", "target", (0.86, 0.75, 0.66), merge="ties", alpha=0.1),
+        row(
+            "ties-target",
+            "target",
+            (0.86, 0.75, 0.66),
+            merge="ties",
+            quantizer="epmq",
+            params={"alpha": 0.1},
+        ),
         q("ties-rtn-4", "ties", "rtn", 4, (0.65, 0.55, 0.45)),
         q("ties-gptq-4", "ties", "gptq", 4, (0.70, 0.60, 0.50)),
-        q("ties-epmq-4", "ties", "epmq", 4, (0.74, 0.64, 0.54), alpha=0.1),
+        q("ties-epmq-4", "ties", "epmq", 4, (0.74, 0.64, 0.54), params=A),
         q("ties-rtn-3", "ties", "rtn", 3, (0.45, 0.35, 0.25)),
         q("ties-gptq-3", "ties", "gptq", 3, (0.55, 0.45, 0.35)),
-        q("ties-epmq-3", "ties", "epmq", 3, (0.65, 0.55, 0.45), alpha=0.1),
+        q("ties-epmq-3", "ties", "epmq", 3, (0.65, 0.55, 0.45), params=A),
     ]
     sweeps: dict[str, list[SweepPoint]] = {}
     if sweep:
         curve = {0.0: 0.70, 0.01: 0.73, 0.1: 0.74, 1.0: 0.72, 10.0: 0.67}
         sweeps["alpha"] = [
-            SweepPoint(merge="ta", bits=4, quantizer="epmq", target=target, alpha=a, average=avg)
+            SweepPoint(
+                merge="ta",
+                bits=4,
+                quantizer="epmq",
+                params={"alpha": a, "target": target},
+                average=avg,
+            )
             for a, acc in curve.items()
             for target, avg in (("expert", acc), ("merged", 0.655))
         ]
@@ -163,7 +211,7 @@ def test_where_the_gain_comes_from_section_in_the_report() -> None:
     assert table_cells(ta, "E-PMQ, X=merged, α=0.1") == ["E-PMQ, X=merged, α=0.1", "72.0", "–"]
     assert table_cells(ta, "E-PMQ, X=expert, α=0.1")[1] == "73.0"
     assert table_cells(ta, "E-PMQ, X=quantized, α=0.1")[1:] == ["74.0", "62.0"]
-    assert table_cells(ta, "E-PMQ, X=quantized, α=0.1, merged targets (ablation)")[1] == "65.3"
+    assert table_cells(ta, "E-PMQ, X=quantized, α=0.1, merged targets")[1] == "65.3"
     assert table_cells(ta, "target W* (unrounded)")[1:] == ["75.0", "75.0"]
 
 

@@ -33,7 +33,14 @@ def build() -> Results:
         Row(name="pre", kind="pretrained", accuracy=acc(0.5, 0.3)),
         Row(name="exp", kind="expert", accuracy=acc(0.8, 0.6)),
         Row(name="ta", kind="merged", merge="ta", accuracy=acc(0.7, 0.5)),
-        Row(name="ta-t", kind="target", merge="ta", alpha=0.1, accuracy=acc(0.75, 0.55)),
+        Row(
+            name="ta-t",
+            kind="target",
+            merge="ta",
+            quantizer="epmq",
+            params={"alpha": 0.1},
+            accuracy=acc(0.75, 0.55),
+        ),
         Row(
             name="ta-g3",
             kind="quantized",
@@ -58,8 +65,8 @@ def build() -> Results:
             quantizer="epmq",
             bits=4,
             group_size=128,
-            alpha=0.1,
             x_source="quantized",
+            params={"alpha": 0.1},
             accuracy=acc(0.7, 0.5),
             size_bytes=1234,
             seconds=2.5,
@@ -72,8 +79,8 @@ def build() -> Results:
             quantizer="epmq",
             bits=4,
             group_size=128,
-            alpha=0.1,
-            target="merged",
+            params={"alpha": 0.1, "target": "merged"},
+            study="target",
             accuracy=acc(0.6, 0.41),
         ),
         Row(name="ties", kind="merged", merge="ties", accuracy=acc(0.72, 0.52)),
@@ -87,7 +94,9 @@ def build() -> Results:
         ),
     ]
     results.sweeps[ALPHA_SWEEP] = [
-        SweepPoint(merge="ta", bits=4, group_size=128, quantizer="epmq", alpha=a, average=v)
+        SweepPoint(
+            merge="ta", bits=4, group_size=128, quantizer="epmq", params={"alpha": a}, average=v
+        )
         for a, v in ((0.0, 0.55), (0.1, 0.6), (1.0, 0.52))
     ]
     results.timings["quantize"] = 4.0
@@ -109,15 +118,14 @@ def test_json_round_trip_is_exact(tmp_path: Path) -> None:
     path = results.save(tmp_path / "results.json")
     assert load_results(path) == results
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 1 and data["tasks"] == TASKS
+    assert data["schema_version"] == 2 and data["tasks"] == TASKS
     assert data["sweeps"]["alpha"][0] == {
         "merge": "ta",
         "bits": 4,
         "group_size": 128,
         "quantizer": "epmq",
-        "target": None,
         "x_source": None,
-        "alpha": 0.0,
+        "params": {"alpha": 0.0},
         "average": 0.55,
     }
     with pytest.raises(EpmqError, match="already exists"):
@@ -172,10 +180,11 @@ def broken(path: Path, edit: Any) -> Path:
         (lambda d: d["rows"][3].update(name="ta"), "(top level)", "appears twice"),
         (lambda d: d["rows"][0].update(kind="expert"), "(top level)", "at most one"),
         (lambda d: d["rows"][0].update(acuracy={}), "rows.0.acuracy", "not permitted"),
-        (lambda d: d["sweeps"]["alpha"][0].update(alpha=-1), "sweeps.alpha.0.alpha", "greater"),
+        (lambda d: d["sweeps"]["alpha"][0]["params"].update(alpha=-1), "sweeps.alpha.0", "alpha"),
+        (lambda d: d["rows"][7]["params"].update(alhpa=1), "rows.7", "no parameter 'alhpa'"),
         (lambda d: d.pop("seed"), "seed", "required"),
         (lambda d: d.update(tasks=["a", "a"]), "(top level)", "not unique"),
-        (lambda d: d.update(schema_version=2), "schema_version", "1"),
+        (lambda d: d.update(schema_version=3), "(top level)", "schema_version 3"),
     ],
 )
 def test_invalid_files_name_the_file_and_field(
@@ -227,3 +236,28 @@ def test_add_validates_the_new_row() -> None:
         results.add(Row(name="new", kind="merged", merge="x", accuracy={"a": 0.1}))
     assert [r.name for r in results.rows].count("ta") == 1
     assert len(results.rows) == 11
+
+
+def test_version_1_files_are_upgraded(tmp_path: Path) -> None:
+    """A results.json written by schema version 1 (α and target as row fields) still loads:
+    the fields become the row's solver parameters, its ablations a study."""
+    data = json.loads(build().to_json())
+    data["schema_version"] = 1
+    for row in data["rows"]:
+        params = row.pop("params")
+        row.pop("study")
+        row.update(alpha=params.get("alpha"), target=params.get("target"))
+    for point in data["sweeps"]["alpha"]:
+        point.update(alpha=point.pop("params")["alpha"], target=None)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    again = load_results(path)
+    assert again.schema_version == 2
+    assert again.rows[7].params == {"alpha": 0.1, "target": "merged"}
+    assert again.rows[7].study == "target" and not again.rows[7].is_primary
+    assert again.rows[6].params == {"alpha": 0.1} and again.rows[6].is_primary
+    assert [p.params for p in again.sweeps[ALPHA_SWEEP]] == [
+        {"alpha": 0.0},
+        {"alpha": 0.1},
+        {"alpha": 1.0},
+    ]

@@ -244,10 +244,10 @@ def test_quantized_variants_are_exported(families: dict[str, Family], tmp_path: 
     exports = results.settings["exports"]
     assert [(e["variant"], e["format"]) for e in exports] == [
         (name, fmt)
-        for name in ("task_arithmetic + gptq w4", "task_arithmetic + epmq w4 (α=0.1)")
+        for name in ("task_arithmetic + gptq w4", "task_arithmetic + epmq w4")
         for fmt in ("dequantized", "compressed-tensors")
     ]
-    folder = out / "exports" / "dequantized" / "task_arithmetic-epmq-w4-a0.1"
+    folder = out / "exports" / "dequantized" / "task_arithmetic-epmq-w4"
     assert (folder / "heads" / "first.safetensors").is_file()
     packed = json.loads((out / exports[3]["folder"] / "config.json").read_text())
     assert packed["quantization_config"]["quant_method"] == "compressed-tensors"

@@ -60,7 +60,7 @@ def test_pipeline_writes_a_report_with_every_variant(cache_dir: Path, tmp_path: 
         for task, acc in row.accuracy.items():
             assert abs(acc - reference.accuracy[task]) <= 0.05, (row.name, task)
     sweep = results.sweeps["alpha"]
-    assert {(p.alpha, p.target) for p in sweep} == {
+    assert {(p.params["alpha"], p.params["target"]) for p in sweep} == {
         (0.1, "expert"),
         (0.1, "merged"),
         (10.0, "expert"),

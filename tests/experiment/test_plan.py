@@ -36,14 +36,15 @@ def test_sweep_and_study_run_on_the_first_merge_at_the_lowest_bits() -> None:
     assert {v.merge for v in sweep} == {"task_arithmetic"}
     assert {v.bits for v in sweep} == {3}
     # α = 0.1 with expert targets is already a table row: it is planned once, not twice.
-    assert {(v.alpha, v.target) for v in sweep} == {
-        (0.0, "expert"),
-        (0.0, "merged"),
-        (0.1, "merged"),
-        (10.0, "expert"),
-        (10.0, "merged"),
+    assert {tuple(v.overrides) for v in sweep} == {
+        (("alpha", 0.0), ("target", "expert")),
+        (("alpha", 0.0), ("target", "merged")),
+        (("alpha", 0.1), ("target", "merged")),
+        (("alpha", 10.0), ("target", "expert")),
+        (("alpha", 10.0), ("target", "merged")),
     }
-    study = [v for v in plan if v.quantizer == "epmq" and v.x_source != "quantized"]
+    study = [v for v in plan if v.study == "x_source"]
+    assert {v.quantizer for v in study} == {"epmq"}
     assert {v.x_source for v in study} == {"merged", "expert"}
     assert {v.merge for v in study} == {"task_arithmetic"}
 

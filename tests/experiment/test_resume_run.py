@@ -52,7 +52,9 @@ def _stop_after(models: int, lines: list[str]) -> Any:
 
 def _figures(results: Results) -> tuple[list[Any], list[Any]]:
     rows = [(r.name, r.accuracy) for r in results.rows]
-    points = sorted((p.merge, p.target, p.alpha, p.average) for p in results.sweeps["alpha"])
+    points = sorted(
+        (p.merge, p.params["target"], p.params["alpha"], p.average) for p in results.sweeps["alpha"]
+    )
     return rows, points
 
 
@@ -106,7 +108,7 @@ def test_resume_refuses_other_settings_and_force_starts_over(
     results, _ = _run(_config(out, alpha=0.5), cache_dir, force=True, announce=lines.append)
     assert not any("from the journal" in line for line in lines)
     assert not partial_dir(out).exists() and out.is_dir()
-    assert results.row("task_arithmetic + epmq w4 (α=0.5)").alpha == 0.5
+    assert results.row("task_arithmetic + epmq w4").params["alpha"] == 0.5
 
 
 def test_resume_without_a_stopped_run_is_a_plain_run(cache_dir: Path, tmp_path: Path) -> None:

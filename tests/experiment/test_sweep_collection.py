@@ -19,12 +19,12 @@ def test_only_the_first_merges_rows_join_the_sweep() -> None:
             results.add(
                 Row(
                     name=f"{merge} epmq w{bits}", kind="quantized", merge=merge,
-                    quantizer="epmq", bits=bits, alpha=0.1, x_source="quantized",
-                    target="expert", accuracy={"a": acc},
+                    quantizer="epmq", bits=bits, x_source="quantized",
+                    params={"alpha": 0.1, "target": "expert"}, accuracy={"a": acc},
                 )
             )  # fmt: skip
     _collect_sweep_from_rows(results, config)
     points = results.sweeps["alpha"]
-    assert [(p.merge, p.bits, p.alpha, p.average) for p in points] == [
+    assert [(p.merge, p.bits, p.params["alpha"], p.average) for p in points] == [
         ("task_arithmetic", 3, 0.1, 0.6)
     ]

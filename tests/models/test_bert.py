@@ -17,7 +17,7 @@ from transformers import (
     XLMRobertaModel,
 )
 
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.capture import capture_stage_inputs
 from epmq.calib.propagate import propagate_calls
 from epmq.errors import EpmqError
@@ -143,7 +143,13 @@ def test_classifier_quantized_with_experts_saved_as_bare_encoders(tmp_path) -> N
         folders.append(tmp_path / f"e{i}")
     calib = {"a": [batch(0)], "b": [batch(1)]}
     run = quantize_model(
-        merged, None, calib, method="epmq", grid=QuantGrid(4), experts=folders, progress=False
+        merged,
+        None,
+        calib,
+        method="epmq",
+        grid=QuantGrid(4),
+        experts=folders,
+        engine=EngineOptions(progress=False),
     )
     names = {r.name for r in run.layers}
     assert "bert.encoder.layer.1.output.dense" in names and len(names) == 12

@@ -199,7 +199,7 @@ def outputs(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
 
 
 def test_engine_quantizes_clip_vision() -> None:
-    from epmq.calib import quantize_model
+    from epmq.calib import EngineOptions, quantize_model
     from epmq.quant import QuantGrid
 
     base = make(CLIPVisionModel, seed=6)
@@ -215,9 +215,15 @@ def test_engine_quantizes_clip_vision() -> None:
     for method, alpha in (("gptq", 0.0), ("epmq", 1e4), ("epmq", 0.05)):
         model = with_state(base, merged_state)
         run = quantize_model(
-            model, ClipVisionAdapter(), calib, method=method, grid=QuantGrid(8),
-            experts=experts, progress=False, **params_for(method, alpha=alpha),
-        )  # fmt: skip
+            model,
+            ClipVisionAdapter(),
+            calib,
+            method=method,
+            grid=QuantGrid(8),
+            experts=experts,
+            **params_for(method, alpha=alpha),
+            engine=EngineOptions(progress=False),
+        )
         assert len(run.layers) == 2 * 6
         models[(method, alpha)] = model
     for key in (("gptq", 0.0), ("epmq", 1e4)):

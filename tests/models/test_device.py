@@ -16,7 +16,7 @@ import test_family_resume_and_grid as family_tests
 import torch
 from test_family_resume_and_grid import FamilySetup, assert_on_grid
 
-from epmq.calib import engine, quantize_model
+from epmq.calib import EngineOptions, engine, quantize_model
 from epmq.calib.onload import Onloaded, Placement
 from epmq.devices import module_device, resolve_device
 from epmq.errors import EpmqError
@@ -59,9 +59,16 @@ def test_config_device_field() -> None:
 def _run(setup: FamilySetup, method: str, x_source: str, device: str | None = None) -> tuple:
     model = setup.merged()
     run = quantize_model(
-        model, setup.adapter(), setup.calib, method=method, grid=GRID, experts=setup.experts,
-        x_source=x_source, progress=False, device=device, **params_for(method, alpha=0.05),
-    )  # fmt: skip
+        model,
+        setup.adapter(),
+        setup.calib,
+        method=method,
+        grid=GRID,
+        experts=setup.experts,
+        x_source=x_source,
+        **params_for(method, alpha=0.05),
+        engine=EngineOptions(progress=False, device=device),
+    )
     return model, run
 
 
@@ -117,9 +124,16 @@ def test_bfloat16_model_is_solved_in_float32(families: Callable[[str], FamilySet
     setup = families("llama")
     model = setup.merged().to(torch.bfloat16)
     run = quantize_model(
-        model, setup.adapter(), setup.calib, method="epmq", grid=GRID, experts=setup.experts,
-        alpha=0.05, x_source="expert", progress=False,
-    )  # fmt: skip
+        model,
+        setup.adapter(),
+        setup.calib,
+        method="epmq",
+        grid=GRID,
+        experts=setup.experts,
+        alpha=0.05,
+        x_source="expert",
+        engine=EngineOptions(progress=False),
+    )
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     for name, result in run.results.items():
         assert result.weight.dtype == torch.float32, name  # solved and kept in float32

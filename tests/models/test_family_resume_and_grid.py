@@ -23,7 +23,7 @@ from tiny_experts import make_experts, with_state
 from torch import nn
 from transformers import CLIPVisionModel
 
-from epmq.calib import CalibrationRun, quantize_model
+from epmq.calib import CalibrationRun, EngineOptions, quantize_model
 from epmq.models.adapter import BlockAdapter
 from epmq.models.bert import BertAdapter
 from epmq.models.clip import ClipVisionAdapter
@@ -193,9 +193,15 @@ def test_rounded_weights_lie_on_the_grid(
     setup = families(family)
     model = setup.merged()
     run = quantize_model(
-        model, setup.adapter(), setup.calib, method=method, grid=grid, experts=setup.experts,
-        progress=False, **params_for(method, alpha=0.05, act_order=act_order),
-    )  # fmt: skip
+        model,
+        setup.adapter(),
+        setup.calib,
+        method=method,
+        grid=grid,
+        experts=setup.experts,
+        **params_for(method, alpha=0.05, act_order=act_order),
+        engine=EngineOptions(progress=False),
+    )
     assert_on_grid(model, setup.adapter(), run, grid, act_order)
     merged = dict(setup.merged().named_parameters())
     moved = [
@@ -244,19 +250,23 @@ def test_resume_equals_uninterrupted(
     kwargs = dict(
         method=method, grid=grid, experts=setup.experts, x_source=x_source,
         **params_for(method, alpha=0.05),
-        progress=False,
     )  # fmt: skip
     full = setup.merged()
-    reference = quantize_model(full, setup.adapter(), calib, **kwargs)
+    reference = quantize_model(
+        full, setup.adapter(), calib, **kwargs, engine=EngineOptions(progress=False)
+    )
 
     order = setup.block_order()
     done = order.index(stop) + 1
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         quantize_model(
-            setup.merged(), setup.adapter(), calib, checkpoint_dir=ckpt,
-            on_block_end=stop_at(*stop), **kwargs,
-        )  # fmt: skip
+            setup.merged(),
+            setup.adapter(),
+            calib,
+            **kwargs,
+            engine=EngineOptions(progress=False, checkpoint_dir=ckpt, on_block_end=stop_at(*stop)),
+        )
     for i, (stage, index) in enumerate(order):
         saved = (ckpt / f"{stage}-block-{index:04d}.safetensors").is_file()
         assert saved == (i < done), (stage, index)
@@ -264,9 +274,16 @@ def test_resume_equals_uninterrupted(
     seen: list[tuple[str, int]] = []
     resumed_model = setup.merged()  # a fresh process would reload the merged model
     resumed = quantize_model(
-        resumed_model, setup.adapter(), calib, checkpoint_dir=ckpt,
-        on_block_end=lambda stage, index: seen.append((stage, index)), **kwargs,
-    )  # fmt: skip
+        resumed_model,
+        setup.adapter(),
+        calib,
+        **kwargs,
+        engine=EngineOptions(
+            progress=False,
+            checkpoint_dir=ckpt,
+            on_block_end=lambda stage, index: seen.append((stage, index)),
+        ),
+    )
     assert resumed.resumed_blocks == done
     assert seen == order  # the resumed run went on through every later block and stage
     for stage, index in order[done:]:  # ... and solved (and saved) the ones not yet done

@@ -190,7 +190,7 @@ def hidden(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
 
 
 def test_engine_quantizes_llama(tmp_path) -> None:
-    from epmq.calib import quantize_model
+    from epmq.calib import EngineOptions, quantize_model
     from epmq.quant import QuantGrid
 
     base = make(seed=8)
@@ -210,9 +210,15 @@ def test_engine_quantizes_llama(tmp_path) -> None:
     for method, alpha in (("gptq", 0.0), ("epmq", 0.05)):
         model = with_state(base, merged_state)
         run = quantize_model(
-            model, LlamaAdapter(), calib, method=method, grid=QuantGrid(8),
-            experts=folders, progress=False, **params_for(method, alpha=alpha),
-        )  # fmt: skip
+            model,
+            LlamaAdapter(),
+            calib,
+            method=method,
+            grid=QuantGrid(8),
+            experts=folders,
+            **params_for(method, alpha=alpha),
+            engine=EngineOptions(progress=False),
+        )
         assert len(run.layers) == 2 * 7
         done[method] = model
     for batches in calib.values():

@@ -10,7 +10,7 @@ import torch
 from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fixture)
 
 import epmq.calib.block
-from epmq.calib import quantize_model
+from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.reuse import FinalOutputs
 from epmq.quant import QuantGrid
 from solver_params import params_for
@@ -26,10 +26,16 @@ class NoReuse(FinalOutputs):
 def _quantize(setup: FamilySetup, method: str, x_source: str) -> tuple[torch.nn.Module, Any]:
     model = setup.merged()
     run = quantize_model(
-        model, setup.adapter(), setup.calib, method=method, grid=QuantGrid(4, group_size=16),
-        experts=setup.experts, x_source=x_source, progress=False,
+        model,
+        setup.adapter(),
+        setup.calib,
+        method=method,
+        grid=QuantGrid(4, group_size=16),
+        experts=setup.experts,
+        x_source=x_source,
         **params_for(method, alpha=0.05),
-    )  # fmt: skip
+        engine=EngineOptions(progress=False),
+    )
     return model, run
 
 

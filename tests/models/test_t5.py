@@ -243,7 +243,7 @@ def logits(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
 
 
 def test_engine_quantizes_both_stages() -> None:
-    from epmq.calib import quantize_model
+    from epmq.calib import EngineOptions, quantize_model
     from epmq.quant import QuantGrid
 
     base = make(seed=8)
@@ -258,9 +258,15 @@ def test_engine_quantizes_both_stages() -> None:
     for method, alpha in (("gptq", 0.0), ("epmq", 0.05)):
         model = with_state(base, merged_state)
         run = quantize_model(
-            model, T5Adapter(), calib, method=method, grid=QuantGrid(8),
-            experts=experts, progress=False, **params_for(method, alpha=alpha),
-        )  # fmt: skip
+            model,
+            T5Adapter(),
+            calib,
+            method=method,
+            grid=QuantGrid(8),
+            experts=experts,
+            **params_for(method, alpha=alpha),
+            engine=EngineOptions(progress=False),
+        )
         assert len(run.layers) == 2 * 7 + 2 * 11  # gated FF: wi_0, wi_1, wo
         assert {r.stage for r in run.layers} == {"encoder", "decoder"}
         done[(method, alpha)] = model
@@ -290,15 +296,22 @@ def test_expert_stream_links_decoder_to_normed_encoder_output() -> None:
     # Experts equal to the merged model: with correctly linked expert activations the cross
     # terms equal the Grams, so E-PMQ's continuous target W* is W_m and nothing moves. A
     # decoder fed the un-normed encoder output would move the cross-attention k/v weights.
-    from epmq.calib import quantize_model
+    from epmq.calib import EngineOptions, quantize_model
 
     base = make(seed=8)
     state = base.state_dict()
     calib = {"low": [batch(seed=10, low=2, high=50)], "high": [batch(seed=12, low=50, high=100)]}
     model = with_state(base, state)
     quantize_model(
-        model, T5Adapter(), calib, method="epmq", grid=None, experts=[state, state],
-        alpha=1e-3, x_source="expert", progress=False,
-    )  # fmt: skip
+        model,
+        T5Adapter(),
+        calib,
+        method="epmq",
+        grid=None,
+        experts=[state, state],
+        alpha=1e-3,
+        x_source="expert",
+        engine=EngineOptions(progress=False),
+    )
     after = model.state_dict()
     assert max(float((after[k] - state[k]).abs().max()) for k in state) < 1e-2

@@ -7,7 +7,7 @@ returns a :class:`CalibrationRun`.
 Expert weights are read one block at a time through :class:`ExpertWeights` sources.
 """
 
-from epmq.calib.engine import CalibrationRun, check_finite_model, quantize_model
+from epmq.calib.engine import CalibrationRun, EngineOptions, check_finite_model, quantize_model
 from epmq.calib.expert_weights import (
     ExpertWeights,
     SafetensorsExpert,
@@ -19,6 +19,7 @@ from epmq.calib.solve import SolveOptions
 
 __all__ = [
     "CalibrationRun",
+    "EngineOptions",
     "ExpertWeights",
     "LayerRecord",
     "SafetensorsExpert",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from epmq.atomic import output_dir, refuse_existing, refuse_overlap
-from epmq.calib.engine import quantize_model
+from epmq.calib.engine import EngineOptions, quantize_model
 from epmq.calib.expert_weights import SafetensorsExpert
 from epmq.errors import EpmqError
 from epmq.merging import get_method, merge_checkpoints
@@ -51,7 +51,13 @@ def merge_with_data(
         model, adapter = load_model(averaged)
         experts = [SafetensorsExpert(d, name=t) for t, d in zip(calib, expert_dirs, strict=True)]
         quantize_model(
-            model, adapter, calib, method=method, experts=experts, progress=progress, **resolved
+            model,
+            adapter,
+            calib,
+            method=method,
+            experts=experts,
+            **resolved,
+            engine=EngineOptions(progress=progress),
         )
         model.save_pretrained(partial)
         for extra in averaged.iterdir():  # the base's tokenizer files (not its weights)

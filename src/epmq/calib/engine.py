@@ -77,6 +77,39 @@ class CalibrationRun:
         return write_json(path, self.to_dict())
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs a calibration; none of these settings changes the solved weights.
+
+    Args:
+        device: where the blocks run (``auto``, ``cpu``, ``cuda[:N]``; None: where the model
+            is). When it is not where the model is, the model stays there and each block is
+            onloaded for its lifecycle, the activations and statistics live on the device, and
+            the results come back to the model's device (:mod:`epmq.calib.onload`).
+        progress: show a tqdm bar over blocks.
+        checkpoint_dir: save each finished block there; a rerun resumes after the last one.
+        output: write the JSON record of the run there.
+        distributed: sum the statistics over the ``torch.distributed`` ranks, each holding its
+            own shard of ``calib``, and share the solves (:mod:`epmq.calib.distributed`);
+            ``None``: when a process group is initialised.
+        stats_cache: statistics of the merged stream shared by several runs on the same
+            merged model and data (``x_source="merged"`` only): the first run fills it, later
+            runs are solved from it without running the model.
+        keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
+            name, e.g. for a RegMean merge).
+        on_block_end: called with ``(stage name, block index)`` after each finished block.
+    """
+
+    device: str | torch.device | None = None
+    progress: bool = True
+    checkpoint_dir: str | Path | None = None
+    output: str | Path | None = None
+    distributed: bool | None = None
+    stats_cache: StatsCache | None = None
+    keep_grams: bool = False
+    on_block_end: BlockCallback | None = None
+
+
 def quantize_model(
     model: nn.Module,
     adapter: BlockAdapter | None,
@@ -88,14 +121,7 @@ def quantize_model(
     x_source: str = "quantized",
     task_weights: Sequence[float] | Mapping[str, float] | None = None,
     true_sequential: bool = True,
-    checkpoint_dir: str | Path | None = None,
-    output: str | Path | None = None,
-    progress: bool = True,
-    keep_grams: bool = False,
-    on_block_end: BlockCallback | None = None,
-    distributed: bool | None = None,
-    stats_cache: StatsCache | None = None,
-    device: str | torch.device | None = None,
+    engine: EngineOptions | None = None,
     **params: Any,
 ) -> CalibrationRun:
     """Quantize (or merge) ``model``'s linears in place, block by block.
@@ -116,27 +142,15 @@ def quantize_model(
         x_source: ``quantized``, ``merged`` or ``expert`` (see module docs).
         task_weights: ``w_i`` per task (default 1 each).
         true_sequential: solve the adapter's linear groups one after another.
-        checkpoint_dir: save each finished block there; a rerun resumes after the last one.
-        output: write the JSON record of the run there.
-        progress: show a tqdm bar over blocks.
-        keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
-            name, e.g. for a RegMean merge).
-        on_block_end: called with ``(stage name, block index)`` after each finished block.
-        distributed: sum the statistics over the ``torch.distributed`` ranks, each holding its
-            own shard of ``calib``, and share the solves (:mod:`epmq.calib.distributed`);
-            ``None``: when a process group is initialised.
-        stats_cache: statistics of the merged stream shared by several runs on the same
-            merged model and data (``x_source="merged"`` only): the first run fills it, later
-            runs are solved from it without running the model.
-        device: where the blocks run (``auto``, ``cpu``, ``cuda[:N]``; None: where the model
-            is). When it is not where the model is, the model stays there and each block is
-            onloaded for its lifecycle, the activations and statistics live on the device, and
-            the results come back to the model's device (:mod:`epmq.calib.onload`).
+        engine: how the run is carried out (:class:`EngineOptions`: device, progress bar,
+            checkpoints, distributed statistics, ...); default ``EngineOptions()``.
         **params: the solver's declared parameters (E-PMQ: ``alpha``, ``target``; GPTQ:
             ``act_order``, ``percdamp``, ``block_size``, ``static_groups``; RegMean:
             ``reduce_ratio``), validated against its declaration; defaults fill the rest.
     """
     start = time.perf_counter()
+    engine = engine or EngineOptions()
+    stats_cache = engine.stats_cache
     if adapter is None:
         from epmq.models import adapter_for
 
@@ -154,25 +168,25 @@ def quantize_model(
     check_finite_model(model)
     stages = adapter.stages(model)
     settings = _settings(options, x_source, true_sequential, tasks, calib, expert_list, stages)
-    reducer = GramReducer(distributed)
+    reducer = GramReducer(engine.distributed)
     reducer.check_same("settings", {**settings, "tasks": tasks})  # batch counts may differ
     if reducer.active:
         settings["world_size"] = reducer.world_size
-    checkpoint = BlockCheckpoint(checkpoint_dir, settings) if checkpoint_dir else None
+    checkpoint = BlockCheckpoint(engine.checkpoint_dir, settings) if engine.checkpoint_dir else None
     if stats_cache is not None:
         stats_cache.check({"tasks": settings["tasks"], "stages": settings["stages"]})
     data = None if calib is None or (stats_cache is not None and stats_cache.complete) else calib
 
     model.eval()
     run = CalibrationRun([], {}, settings, 0.0)
-    place = Placement.of(model, adapter, stages, device)
+    place = Placement.of(model, adapter, stages, engine.device)
     upfront = {}
     if x_source == "merged" and data is not None:
         for s in stages:
             with place.stage(s):
                 upfront[s.name] = _capture(model, adapter, s, data, place.device)
     total = sum(len(adapter.blocks(model, s)) for s in stages)
-    bar = tqdm(total=total, desc="calibrate", unit="block", disable=not progress)
+    bar = tqdm(total=total, desc="calibrate", unit="block", disable=not engine.progress)
     expert_final: Streams | None = None
     try:
         for number, stage in enumerate(stages):
@@ -188,7 +202,7 @@ def quantize_model(
             for index, block in enumerate(adapter.blocks(model, stage)):
                 job = BlockJob(
                     adapter, stage, index, block, tasks, expert_list, options, x_source,
-                    true_sequential, keep_grams, reducer if reducer.active else None,
+                    true_sequential, engine.keep_grams, reducer if reducer.active else None,
                     stats_cache=stats_cache,
                 )  # fmt: skip
                 bar.set_postfix_str(f"{stage.name}.{index}")
@@ -208,8 +222,8 @@ def quantize_model(
                 run.results.update(results)
                 run.layers.extend(records)
                 bar.update(1)
-                if on_block_end is not None:
-                    on_block_end(stage.name, index)
+                if engine.on_block_end is not None:
+                    engine.on_block_end(stage.name, index)
             expert_final = expert_calls
     finally:
         bar.close()
@@ -219,8 +233,8 @@ def quantize_model(
         )
     run.seconds = time.perf_counter() - start
     logger.info("calibrated %d linears in %.1fs", len(run.layers), run.seconds)
-    if output is not None:
-        run.write(output)
+    if engine.output is not None:
+        run.write(engine.output)
     return run
 
 

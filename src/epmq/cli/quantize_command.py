@@ -309,7 +309,7 @@ def run_quantize(
     """Load, calibrate, quantize and export (the options are checked by the command)."""
     import torch
 
-    from epmq.calib import SafetensorsExpert, quantize_model
+    from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
     from epmq.calib.distributed import launched_group, shard
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
     from epmq.export import export_checkpoint
@@ -338,10 +338,20 @@ def run_quantize(
                 + (f" on {world} ranks" if world > 1 else "")
             )
         run = quantize_model(
-            model, adapter, batches, method=options.solver, grid=options.grid, experts=experts,
-            x_source=engine.x_source, checkpoint_dir=checkpoint,
-            progress=engine.progress and rank == 0, device=engine.device, **options.params,
-        )  # fmt: skip
+            model,
+            adapter,
+            batches,
+            method=options.solver,
+            grid=options.grid,
+            experts=experts,
+            x_source=engine.x_source,
+            **options.params,
+            engine=EngineOptions(
+                checkpoint_dir=checkpoint,
+                progress=engine.progress and rank == 0,
+                device=engine.device,
+            ),
+        )
         if rank != 0:  # every rank holds the same solved model: rank 0 exports it
             return
         record = {

@@ -16,10 +16,10 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from itertools import cycle
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
-from epmq.quant.solvers import solver_label, solver_rank
+from epmq.quant.solvers import get_solver, list_solvers, solver_label, solver_rank
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -41,6 +41,30 @@ def quantizers(results: Results) -> list[str]:
 def quant_label(quantizer: str | None) -> str:
     """The display name a solver declares (``E-PMQ``); an unknown name as it is."""
     return "?" if quantizer is None else solver_label(quantizer)
+
+
+class Comparison(NamedTuple):
+    """A solver and the baseline it declares it improves on (E-PMQ over GPTQ)."""
+
+    guided: str
+    baseline: str
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return solver_label(self.guided), solver_label(self.baseline)
+
+
+def comparison(results: Results) -> Comparison:
+    """The comparison the report and plots are about: the first quantizer of ``results``
+    that declares a baseline (else the first registered one, for the wording)."""
+    declared = [
+        Comparison(name, baseline)
+        for name in list_solvers()
+        if (baseline := get_solver(name).baseline) is not None
+    ]
+    present = quantizers(results)
+    found = [c for c in declared if c.guided in present]
+    return (found or declared)[0]
 
 
 @dataclass(frozen=True)
@@ -128,11 +152,12 @@ def accuracy_by_bits(results: Results) -> bytes | None:
 
 def _bars_setting(results: Results) -> tuple[str, int, int | None] | None:
     """The merge and lowest bit setting that has both a GPTQ and an E-PMQ row."""
+    pair = comparison(results)
     for bits, group in reversed(results.bit_settings()):
         for merge in results.merges():
-            gptq = results.quantized(merge, "gptq", bits, group)
-            epmq = results.quantized(merge, "epmq", bits, group)
-            if gptq is not None and epmq is not None:
+            baseline = results.quantized(merge, pair.baseline, bits, group)
+            guided = results.quantized(merge, pair.guided, bits, group)
+            if baseline is not None and guided is not None:
                 return merge, bits, group
     return None
 
@@ -158,7 +183,7 @@ def per_task_bars(
     if expert is not None:
         bars.append(("experts", expert))
     bars += [(f"{merge} full precision", r) for r in results.find(kind="merged", merge=merge)[:1]]
-    for quantizer in ("gptq", "epmq"):
+    for quantizer in (comparison(results).baseline, comparison(results).guided):
         row = results.quantized(merge, quantizer, bits, group_size)
         if row is not None:
             bars.append((f"{quant_label(quantizer)} {bits}-bit", row))
@@ -181,7 +206,7 @@ def per_task_bars(
 
 def alpha_sweep(results: Results) -> bytes | None:
     """Average accuracy against α; ``None`` when there is no α sweep with α values."""
-    points = [p for p in results.sweeps.get(ALPHA_SWEEP, []) if p.alpha is not None]
+    points = [p for p in results.sweeps.get(ALPHA_SWEEP, []) if "alpha" in p.params]
     if not points:
         return None
     curves: dict[tuple[Any, ...], list[SweepPoint]] = {}
@@ -198,12 +223,12 @@ def alpha_sweep(results: Results) -> bytes | None:
             name += f" X={x_source}"
         for target, style, marker in (("expert", "-", "o"), ("merged", "--", "s")):
             pts = sorted(
-                (p for p in curves[key] if (p.target or "expert") == target),
-                key=lambda p: p.alpha or 0.0,
+                (p for p in curves[key] if p.params.get("target", "expert") == target),
+                key=lambda p: float(p.params["alpha"]),
             )
             if pts:
                 ax.plot(
-                    [p.alpha for p in pts],
+                    [float(p.params["alpha"]) for p in pts],
                     [100 * p.average for p in pts],
                     linestyle=style,
                     marker=marker,
@@ -211,11 +236,13 @@ def alpha_sweep(results: Results) -> bytes | None:
                     label=f"{name}, {target} targets",
                 )
         if merge is not None and bits is not None:
-            gptq = results.quantized(merge, "gptq", bits, group)
-            if gptq is not None:
-                ax.axhline(100 * average(gptq), color=color, linestyle=":", linewidth=1)
-                ax.plot([], [], color=color, linestyle=":", label=f"{name}, GPTQ")
-    positive = sorted(p.alpha for p in points if p.alpha and p.alpha > 0)
+            pair = comparison(results)
+            baseline = results.quantized(merge, pair.baseline, bits, group)
+            if baseline is not None:
+                ax.axhline(100 * average(baseline), color=color, linestyle=":", linewidth=1)
+                ax.plot([], [], color=color, linestyle=":", label=f"{name}, {pair.labels[1]}")
+    alphas = (float(p.params["alpha"]) for p in points)
+    positive = sorted(a for a in alphas if a > 0)
     ax.set_xscale("symlog", linthresh=positive[0] if positive else 1e-3)
     _finish(ax, f"{results.suite}: anchor strength α sweep", "α (symlog scale, 0 included)")
     return _png(fig)

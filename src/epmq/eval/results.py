@@ -14,6 +14,11 @@ Row kinds:
   record ``bits``/``group_size`` when its calibration inputs came from the quantized model).
 - ``quantized``: a merge rounded by ``quantizer`` at ``bits`` (per channel or ``group_size``).
 
+A solver's row records the parameters it ran with (``params``, as the solver declares them,
+:mod:`epmq.quant.solvers`) and its X-source; a row made for a study (``study``, e.g. the
+X-source study) is set apart from the main table's rows. Schema version 1 files (``alpha`` and
+``target`` as row fields) are read and upgraded; other versions are refused by name.
+
 :meth:`Results.to_json` / :meth:`Results.from_json` round-trip the object; a file that does not
 match the schema raises :class:`~epmq.errors.EpmqError` naming the file and the field.
 """
@@ -35,15 +40,15 @@ from epmq.errors import EpmqError
 RowKind = Literal["pretrained", "expert", "merged", "target", "quantized"]
 Quantizer = str  # a solver's registered name (epmq.quant.solvers); any name still renders
 XSource = Literal["quantized", "merged", "expert"]
-TargetKind = Literal["expert", "merged"]
+ParamValue = bool | int | float | str  # a solver parameter's value (epmq.params.Param)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ALPHA_SWEEP = "alpha"
 
 Accuracy = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Bits = Annotated[int, Field(ge=1, le=16)]
 GroupSize = Annotated[int, Field(ge=1)]
-Alpha = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -77,9 +82,9 @@ class Row(_Strict):
     quantizer: Quantizer | None = None
     bits: Bits | None = None
     group_size: GroupSize | None = None
-    alpha: Alpha | None = None
     x_source: XSource | None = None
-    target: TargetKind | None = None
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+    study: str | None = None
     accuracy: dict[str, Accuracy]
     size_bytes: Annotated[int, Field(ge=0)] | None = None
     seconds: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
@@ -92,22 +97,25 @@ class Row(_Strict):
 
         if self.kind in ("pretrained", "expert") and self.merge is not None:
             raise bad("merge must be null")
+        if self.kind in ("pretrained", "expert", "merged") and self.params:
+            raise bad("params are only for quantized and target rows")
         if self.kind in ("merged", "target", "quantized") and not self.merge:
             raise bad("merge must name the merging method")
         if self.kind == "quantized":
             if self.quantizer is None or self.bits is None:
                 raise bad("quantizer and bits are required")
-        elif self.quantizer is not None:
-            raise bad("quantizer is only for quantized rows")
+        elif self.quantizer is not None and self.kind != "target":
+            raise bad("quantizer is only for quantized and target rows")
         elif self.kind != "target" and (self.bits is not None or self.group_size is not None):
             # A target row may record the bit setting whose calibration produced its W*.
             raise bad("bits and group_size are only for quantized and target rows")
+        _check_params(self.quantizer, self.params)
         return self
 
     @property
     def is_primary(self) -> bool:
-        """True unless this row is an ablation (merged targets or a non-default X source)."""
-        return self.target in (None, "expert") and self.x_source in (None, "quantized")
+        """True unless this row was made for a study (an X-source study, an ablation)."""
+        return self.study is None
 
 
 class SweepPoint(_Strict):
@@ -117,16 +125,20 @@ class SweepPoint(_Strict):
     bits: Bits | None = None
     group_size: GroupSize | None = None
     quantizer: Quantizer | None = None
-    target: TargetKind | None = None
     x_source: XSource | None = None
-    alpha: Alpha | None = None
+    params: dict[str, ParamValue] = Field(default_factory=dict)
     average: Accuracy
+
+    @model_validator(mode="after")
+    def _declared(self) -> SweepPoint:
+        _check_params(self.quantizer, self.params)
+        return self
 
 
 class Results(_Strict):
     """Everything one experiment measured; see the module docstring."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     suite: str = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -139,6 +151,19 @@ class Results(_Strict):
     )
     rows: list[Row] = Field(default_factory=list)
     sweeps: dict[str, list[SweepPoint]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "schema_version" not in data:
+            return data
+        version = data["schema_version"]
+        if version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"schema_version {version!r} is not one this epmq reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))}); use the epmq that wrote it"
+            )
+        return _from_version_1(data) if version == 1 else data
 
     @model_validator(mode="after")
     def _consistent(self) -> Results:
@@ -332,6 +357,53 @@ def _check_rows(tasks: list[str], rows: list[Row]) -> None:
         raise ValueError("at most one row may have kind 'expert' (it holds all tasks)")
 
 
+def _check_params(quantizer: str | None, params: dict[str, ParamValue]) -> None:
+    """A registered solver's parameters must be declared and in range; the parameters of a
+    solver this epmq does not know are kept as written."""
+    from epmq.quant.solvers import get_solver, list_solvers
+
+    if quantizer not in list_solvers():
+        return
+    solver = get_solver(quantizer)
+    for name, value in params.items():
+        try:
+            solver.param(name).check(value, quantizer)
+        except EpmqError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 results dict as version 2: ``alpha``/``target`` become ``params``; the rows
+    version 1 called ablations (merged targets, an X-source other than ``quantized``) a study."""
+
+    def upgraded(entry: Any, *, row: bool) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        entry = dict(entry)
+        old = {k: entry.pop(k, None) for k in ("alpha", "target")}
+        params = {k: v for k, v in old.items() if v is not None}
+        params.update(entry.get("params") or {})
+        if params:
+            entry["params"] = params
+        ablation = params.get("target") == "merged" or entry.get("x_source") not in (
+            None,
+            "quantized",
+        )
+        if row and ablation:
+            entry.setdefault("study", "x_source" if params.get("target") != "merged" else "target")
+        return entry
+
+    out = dict(data, schema_version=2)
+    if isinstance(data.get("rows"), list):
+        out["rows"] = [upgraded(r, row=True) for r in data["rows"]]
+    if isinstance(data.get("sweeps"), dict):
+        out["sweeps"] = {
+            name: [upgraded(p, row=False) for p in points] if isinstance(points, list) else points
+            for name, points in data["sweeps"].items()
+        }
+    return out
+
+
 def _describe(err: ValidationError, source: str) -> str:
     problems = err.errors()
     parts = []
@@ -353,7 +425,6 @@ __all__ = [
     "Row",
     "RowKind",
     "SweepPoint",
-    "TargetKind",
     "Versions",
     "XSource",
     "average",

@@ -20,15 +20,21 @@ from epmq.quant.solvers.registry import X_SOURCES
 SWEEP = "alpha"
 
 
+X_SOURCE_STUDY = "x_source"
+
+
 @dataclass(frozen=True)
 class Variant:
     """One model to build from a merge and evaluate.
 
     ``kind`` is ``"merged"`` (the full-precision merge), ``"target"`` (a solver's unrounded
-    target, E-PMQ's W*), or ``"quantized"``. ``alpha`` and ``target`` are set where a study
-    varies them (else the config's settings apply). ``sweep`` names the sweep a variant
-    belongs to (it is then reported as a sweep point, not a table row). :attr:`name` is its
-    label in reports, :attr:`slug` its folder name; both come from the solver's declarations.
+    target, E-PMQ's W*), or ``"quantized"``. ``overrides`` are the solver parameters a study
+    sets itself (the α sweep's α and target; else the config's parameters apply), ``x_source``
+    where its inputs come from (solvers fitting expert-guided targets). ``study`` names the
+    study a variant belongs to: the α sweep's points (:data:`SWEEP`, reported as sweep points)
+    or the X-source study's rows (:data:`X_SOURCE_STUDY`); None for the main table. :attr:`name`
+    is its label in reports, :attr:`slug` its folder name; both come from the solver's
+    declarations.
     """
 
     merge: str
@@ -36,19 +42,17 @@ class Variant:
     quantizer: str | None = None
     bits: int | None = None
     group_size: int | None = None
-    alpha: float | None = None
     x_source: str | None = None
-    target: str | None = None
-    sweep: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    study: str | None = None
 
     @property
-    def overrides(self) -> dict[str, Any]:
-        """The solver parameters this variant sets itself (a study's α or target)."""
-        values = {"alpha": self.alpha, "target": self.target}
-        return {k: v for k, v in values.items() if v is not None}
+    def sweep(self) -> str | None:
+        """The sweep this variant is a point of (reported as a sweep point, not a row)."""
+        return self.study if self.study == SWEEP else None
 
     def _described(self, shown: list[str], x_label: str) -> list[str]:
-        if self.x_source not in (None, "quantized"):
+        if self.study == X_SOURCE_STUDY:
             shown.insert(min(1, len(shown)), x_label)
         return shown
 
@@ -57,11 +61,11 @@ class Variant:
         if self.kind == "merged":
             return self.merge
         solver = get_solver(self.quantizer or "")
+        extras = self._described(solver.labels(dict(self.overrides)), f"X={self.x_source}")
         if self.kind == "target":
-            return f"{self.merge} + {solver.label} target W* (α={self.alpha:g}, unrounded)"
+            return f"{self.merge} + {solver.label} target W* ({', '.join([*extras, 'unrounded'])})"
         group = "" if self.group_size in (None, -1) else f" g{self.group_size}"
         label = f"{self.merge} + {self.quantizer} w{self.bits}{group}"
-        extras = self._described(solver.labels(self.overrides), f"X={self.x_source}")
         return label + (f" ({', '.join(extras)})" if extras else "")
 
     @property
@@ -72,8 +76,14 @@ class Variant:
             parts.append(f"g{self.group_size}")
         if self.quantizer is not None:
             solver = get_solver(self.quantizer)
-            parts += self._described(solver.slugs(self.overrides), f"x-{self.x_source}")
+            parts += self._described(solver.slugs(dict(self.overrides)), f"x-{self.x_source}")
         return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "-".join(parts))
+
+    def params(self, config: ExperimentConfig) -> dict[str, Any]:
+        """The solver parameters this variant runs with: the config's, then its overrides."""
+        if self.quantizer is None:
+            return {}
+        return config.quantization.solver_params(self.quantizer, **dict(self.overrides))
 
 
 def plan_experiment(config: ExperimentConfig) -> list[Variant]:
@@ -99,29 +109,33 @@ def plan_experiment(config: ExperimentConfig) -> list[Variant]:
             if q.x_source_study:
                 for source in X_SOURCES:
                     if source != q.x_source:
-                        variants.append(replace(base, x_source=source))
+                        variants.append(replace(base, x_source=source, study=X_SOURCE_STUDY))
             for alpha in q.alpha_sweep:
                 for target in ("expert", "merged"):
-                    variants.append(replace(base, alpha=alpha, target=target, sweep=SWEEP))
-    return _dedupe(variants)
+                    overrides = (("alpha", alpha), ("target", target))
+                    variants.append(replace(base, overrides=overrides, study=SWEEP))
+    return _dedupe(config, variants)
 
 
 def _variant(config: ExperimentConfig, merge: str, method: str, **fields: Any) -> Variant:
-    """A variant of ``method``: a solver fitting expert-guided targets records the config's
-    α, target and X-source (its rows are compared across them); the others record none."""
-    q = config.quantization
+    """A variant of ``method``; a solver fitting expert-guided targets records the config's
+    X-source (its rows are compared across X-sources)."""
     kind = fields.pop("kind", "quantized")
     if get_solver(method).studied:
-        fields.update(alpha=q.alpha, target=q.target, x_source=q.x_source)
+        fields.update(x_source=config.quantization.x_source)
     return Variant(merge=merge, kind=kind, quantizer=method, **fields)
 
 
-def _dedupe(variants: list[Variant]) -> list[Variant]:
-    """Drop repeats; a sweep point equal to a table row is computed once (kept as the row)."""
-    seen: set[Variant] = set()
+def _dedupe(config: ExperimentConfig, variants: list[Variant]) -> list[Variant]:
+    """Drop repeats; a sweep point that runs the table's settings is computed once (kept as
+    the row, and reported as a sweep point too)."""
+    seen: set[tuple[Any, ...]] = set()
     out: list[Variant] = []
     for v in variants:
-        key = replace(v, sweep=None)
+        key = (
+            replace(v, overrides=(), study=None),
+            tuple(sorted(v.params(config).items())),
+        )
         if key in seen:
             continue
         seen.add(key)

@@ -120,13 +120,13 @@ def run_experiment(
             _tally(results, "variants_evaluate", time.perf_counter() - evaluating)
             seconds = time.perf_counter() - clock
             if variant.sweep == SWEEP:
-                point = _sweep_point(variant, accuracy)
+                point = _sweep_point(variant, config, accuracy)
                 results.sweeps.setdefault(ALPHA_SWEEP, []).append(point)
                 announce(f"  sweep {variant.name}: {100 * _mean(accuracy):.1f}")
                 if journal is not None:
                     journal.add_point(variant.name, point)
             else:
-                row = _row(variant, seconds)
+                row = _row(variant, config, seconds)
                 _add_row(results, row, lambda a=accuracy: a, announce, seconds, journal=journal)
         if cache is not None:
             cache.close()
@@ -220,7 +220,7 @@ def _expert_accuracy(config: ExperimentConfig, workload: Workload) -> dict[str, 
     return accuracy
 
 
-def _row(variant: Variant, seconds: float) -> Row:
+def _row(variant: Variant, config: ExperimentConfig, seconds: float) -> Row:
     return Row(
         name=variant.name,
         kind=variant.kind,  # type: ignore[arg-type]
@@ -228,23 +228,24 @@ def _row(variant: Variant, seconds: float) -> Row:
         quantizer=variant.quantizer if variant.kind == "quantized" else None,  # type: ignore[arg-type]
         bits=variant.bits if variant.kind == "quantized" else None,
         group_size=None if variant.group_size in (None, -1) else variant.group_size,
-        alpha=variant.alpha,
         x_source=variant.x_source,  # type: ignore[arg-type]
-        target=variant.target,  # type: ignore[arg-type]
+        params=variant.params(config),
+        study=variant.study,
         accuracy={},
         seconds=seconds,
     )
 
 
-def _sweep_point(variant: Variant, accuracy: dict[str, float]) -> SweepPoint:
+def _sweep_point(
+    variant: Variant, config: ExperimentConfig, accuracy: dict[str, float]
+) -> SweepPoint:
     return SweepPoint(
         merge=variant.merge,
         bits=variant.bits,
         group_size=None if variant.group_size in (None, -1) else variant.group_size,
         quantizer=variant.quantizer,
-        target=variant.target,  # type: ignore[arg-type]
         x_source=variant.x_source,  # type: ignore[arg-type]
-        alpha=variant.alpha,
+        params=variant.params(config),
         average=_mean(accuracy),
     )
 
@@ -267,20 +268,19 @@ def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None
         )
     ]
     for row in rows:
-        if row.x_source == q.x_source and row.alpha in q.alpha_sweep:
+        if row.is_primary and row.params.get("alpha") in q.alpha_sweep:
             sweep.append(
                 SweepPoint(
                     merge=row.merge,
                     bits=bits,
                     group_size=group_size,
                     quantizer=row.quantizer,
-                    target=row.target,
                     x_source=row.x_source,
-                    alpha=row.alpha,
+                    params=row.params,
                     average=average(row),
                 )
             )
-    sweep.sort(key=lambda p: (p.merge or "", p.target or "", p.alpha or 0.0))
+    sweep.sort(key=lambda p: (p.merge or "", str(p.params.get("target")), p.params.get("alpha", 0)))
 
 
 def _build_merge(
@@ -292,7 +292,7 @@ def _build_merge(
     sources: list[ExpertWeights] | None = None,
 ) -> nn.Module:
     """The full-precision merge of the experts into a copy of the base encoder."""
-    from epmq.calib import quantize_model
+    from epmq.calib import EngineOptions, quantize_model
     from epmq.merging import get_method
     from epmq.merging import merge as merge_state_dicts
 
@@ -321,9 +321,8 @@ def _build_merge(
             workload.calibration,
             method=merge.method,
             experts=sources or _expert_sources(workload),
-            progress=progress,
-            device=config.device,
             **merge.params,
+            engine=EngineOptions(progress=progress, device=config.device),
         )
     return model.eval()
 
@@ -355,7 +354,7 @@ def _quantized_copy(
     proxy loss); ``cache`` serves the merged-stream statistics of ``x_source="merged"``, and
     ``sources`` the experts' tensors (read once per experiment).
     """
-    from epmq.calib import quantize_model
+    from epmq.calib import EngineOptions, quantize_model
     from epmq.quant import QuantGrid
 
     q = config.quantization
@@ -376,10 +375,12 @@ def _quantized_copy(
         experts=(sources or _expert_sources(workload)) if solver.reads_experts else None,
         x_source=x_source,
         true_sequential=q.true_sequential,
-        progress=progress,
-        stats_cache=cache if x_source == "merged" else None,
-        device=config.device,
-        **q.solver_params(solver.name, **variant.overrides),
+        **variant.params(config),
+        engine=EngineOptions(
+            progress=progress,
+            stats_cache=cache if x_source == "merged" else None,
+            device=config.device,
+        ),
     )
     return model.eval(), run
 

@@ -45,6 +45,7 @@ PARAMS = (
     statistics="target",
     reads_experts=True,
     expert_targets=lambda params: params["target"] == "expert",
+    baseline="gptq",
 )
 def epmq_solver(
     problem: LayerProblem, grid: QuantGrid | None, params: Mapping[str, Any]

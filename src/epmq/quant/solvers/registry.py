@@ -31,7 +31,9 @@ only these declarations (it never compares names):
   before), returning a per-input-channel ``s`` (or None). Each linear of the group is then
   solved with ``problem.input_scale = s`` and must return a weight for the inputs ``x / s``
   (``≈ W · diag(s)``, on its grid); the engine divides the producer's output channels by ``s``,
-  so the model computes ``Q · (x / s)`` and exports like any other solver (AWQ).
+  so the model computes ``Q · (x / s)`` and exports like any other solver (AWQ);
+- ``baseline``: the solver this one improves on with the same grid and Hessian (E-PMQ: GPTQ);
+  reports split the gain over it into a better target and less rounding loss.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class Solver(Declared):
     x_sources: tuple[str, ...] = X_SOURCES
     expert_targets: ExpertTargets = _always
     input_scales: ScaleSearch | None = None
+    baseline: str | None = None
 
     @property
     def studied(self) -> bool:
@@ -168,6 +171,7 @@ def register_solver(
     x_sources: Sequence[str] = X_SOURCES,
     expert_targets: ExpertTargets = _always,
     input_scales: ScaleSearch | None = None,
+    baseline: str | None = None,
 ) -> Callable[[SolveFn], SolveFn]:
     """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
 
@@ -188,6 +192,7 @@ def register_solver(
             x_sources=tuple(x_sources),
             expert_targets=expert_targets,
             input_scales=input_scales,
+            baseline=baseline,
         )
         return fn
 
