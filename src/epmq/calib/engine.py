@@ -89,6 +89,7 @@ def quantize_model(
     task_weights: Sequence[float] | Mapping[str, float] | None = None,
     true_sequential: bool = True,
     checkpoint_dir: str | Path | None = None,
+    checkpoint_identity: Mapping[str, Any] | None = None,
     output: str | Path | None = None,
     progress: bool = True,
     keep_grams: bool = False,
@@ -117,6 +118,8 @@ def quantize_model(
         task_weights: ``w_i`` per task (default 1 each).
         true_sequential: solve the adapter's linear groups one after another.
         checkpoint_dir: save each finished block there; a rerun resumes after the last one.
+        checkpoint_identity: what else the checkpoint must match (the caller's settings and
+            input identities, :mod:`epmq.identity`), beside the engine's settings.
         output: write the JSON record of the run there.
         progress: show a tqdm bar over blocks.
         keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
@@ -158,7 +161,9 @@ def quantize_model(
     reducer.check_same("settings", {**settings, "tasks": tasks})  # batch counts may differ
     if reducer.active:
         settings["world_size"] = reducer.world_size
-    checkpoint = BlockCheckpoint(checkpoint_dir, settings) if checkpoint_dir else None
+    checkpoint = (
+        BlockCheckpoint(checkpoint_dir, settings, checkpoint_identity) if checkpoint_dir else None
+    )
     if stats_cache is not None:
         stats_cache.check({"tasks": settings["tasks"], "stages": settings["stages"]})
     data = None if calib is None or (stats_cache is not None and stats_cache.complete) else calib
