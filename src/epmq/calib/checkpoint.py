@@ -134,7 +134,7 @@ def _checkpoint_entry(entry: Path) -> bool:
         return re.fullmatch(r"rank\d+", name) is not None and all(
             _checkpoint_entry(e) for e in entry.iterdir()
         )
-    block = re.fullmatch(r"\w+-block-\d{4}\.safetensors", name) is not None
+    block = re.fullmatch(r".+-block-\d{4}\.safetensors", name) is not None
     return name == "meta.json" or block or (name.startswith(".") and name.endswith(".tmp"))
 
 
