@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "devices": 0,
     "params": 0,
     "errors": 0,
+    "identity": 0,
 }
 
 ROOT = Path(epmq.__file__).parent

@@ -1,9 +1,10 @@
 """Resume support: each finished block's solved linears, saved atomically.
 
-A checkpoint folder holds ``meta.json`` (the run's settings; a restart with other settings is
-refused) and one ``<stage>-block-<NNNN>.safetensors`` per finished block with the solved
-weights and, for rounded layers, their codes, scales, zeros and ``g_idx``; the layer records
-ride in the file's metadata. Next-block inputs are not stored: a restarted run recomputes
+A checkpoint folder holds ``meta.json`` (the run's settings and input identities; a restart
+with another fingerprint is refused, naming what changed) and one
+``<stage>-block-<NNNN>.safetensors`` per finished block with the solved weights and, for
+rounded layers, their codes, scales, zeros and ``g_idx``; the layer records ride in the
+file's metadata. Next-block inputs are not stored: a restarted run recomputes
 them by replaying the finished blocks, which is deterministic, so the result equals an
 uninterrupted run.
 """
@@ -11,6 +12,9 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +24,43 @@ from torch import Tensor
 from epmq.atomic import save_tensors, write_json
 from epmq.calib.records import LayerRecord
 from epmq.errors import EpmqError
+from epmq.identity import describe_changes
 from epmq.quant import QuantGrid, QuantResult
 
 _RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
 
 
 class BlockCheckpoint:
-    """Finished blocks of one run, in ``folder``."""
+    """Finished blocks of one run, in ``folder``.
 
-    def __init__(self, folder: str | Path, settings: dict[str, Any]) -> None:
+    ``settings`` (the engine's) and ``identity`` (what the caller adds: its other settings and
+    the identities of its inputs, :mod:`epmq.identity`) are saved in ``meta.json``; a
+    checkpoint saved with another fingerprint is refused, naming what changed.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        settings: dict[str, Any],
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        fingerprint = json.loads(json.dumps({**settings, **(identity or {})}, default=str))
         meta = self.folder / "meta.json"
         if meta.is_file():
-            saved = json.loads(meta.read_text())
-            if saved != settings:
-                changed = sorted(
-                    k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k)
-                )
+            try:
+                saved = json.loads(meta.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise EpmqError(f"checkpoint {meta} is unreadable ({exc})") from None
+            if saved != fingerprint:
                 raise EpmqError(
-                    f"checkpoint {self.folder} was written by a run with other settings "
-                    f"({', '.join(changed)}); use a fresh checkpoint folder"
+                    f"checkpoint {self.folder} was written by a run with other settings or "
+                    f"inputs ({describe_changes(saved, fingerprint)}); start afresh (epmq "
+                    "quantize: without --resume) or use another checkpoint folder"
                 )
         else:
-            write_json(meta, settings)
+            write_json(meta, fingerprint)
 
     def _path(self, stage: str, block: int) -> Path:
         return self.folder / f"{stage}-block-{block:04d}.safetensors"
@@ -109,3 +126,25 @@ class BlockCheckpoint:
             )
         records = [LayerRecord.from_dict(r) for r in json.loads(metadata.get("records", "[]"))]
         return weights, results, records
+
+
+def _checkpoint_entry(entry: Path) -> bool:
+    name = entry.name
+    if entry.is_dir():
+        return re.fullmatch(r"rank\d+", name) is not None and all(
+            _checkpoint_entry(e) for e in entry.iterdir()
+        )
+    block = re.fullmatch(r".+-block-\d{4}\.safetensors", name) is not None
+    return name == "meta.json" or block or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete a checkpoint folder left by an earlier run (also one of per-rank checkpoints,
+    ``rank<N>/``), so no later resume can take its blocks; a folder holding anything else than
+    checkpoint files is refused, not deleted."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir() or not all(_checkpoint_entry(e) for e in folder.iterdir()):
+        raise EpmqError(f"{folder} is not an epmq block checkpoint; move it away or remove it")
+    shutil.rmtree(folder)

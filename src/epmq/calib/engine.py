@@ -88,6 +88,8 @@ class EngineOptions:
             the results come back to the model's device (:mod:`epmq.calib.onload`).
         progress: show a tqdm bar over blocks.
         checkpoint_dir: save each finished block there; a rerun resumes after the last one.
+        checkpoint_identity: what else the checkpoint must match (the caller's settings and
+            input identities, :mod:`epmq.identity`), beside the engine's settings.
         output: write the JSON record of the run there.
         distributed: sum the statistics over the ``torch.distributed`` ranks, each holding its
             own shard of ``calib``, and share the solves (:mod:`epmq.calib.distributed`);
@@ -103,6 +105,7 @@ class EngineOptions:
     device: str | torch.device | None = None
     progress: bool = True
     checkpoint_dir: str | Path | None = None
+    checkpoint_identity: Mapping[str, Any] | None = None
     output: str | Path | None = None
     distributed: bool | None = None
     stats_cache: StatsCache | None = None
@@ -172,7 +175,11 @@ def quantize_model(
     reducer.check_same("settings", {**settings, "tasks": tasks})  # batch counts may differ
     if reducer.active:
         settings["world_size"] = reducer.world_size
-    checkpoint = BlockCheckpoint(engine.checkpoint_dir, settings) if engine.checkpoint_dir else None
+    checkpoint = (
+        BlockCheckpoint(engine.checkpoint_dir, settings, engine.checkpoint_identity)
+        if engine.checkpoint_dir
+        else None
+    )
     if stats_cache is not None:
         stats_cache.check({"tasks": settings["tasks"], "stages": settings["stages"]})
     data = None if calib is None or (stats_cache is not None and stats_cache.complete) else calib

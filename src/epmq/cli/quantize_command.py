@@ -298,6 +298,25 @@ class EngineSettings:
     model_dtype: torch.dtype | None
 
 
+def _checkpoint_identity(
+    model_dir: Path, data: CalibrationFiles, engine: EngineSettings
+) -> dict[str, Any]:
+    """What a resumed run must share with the stopped one beside the engine's settings: the
+    sampling settings and the identities of every input (the device and export are free)."""
+    from epmq.identity import input_identities
+
+    inputs = [("--model folder", model_dir)]
+    if data.tokenizer != model_dir:
+        inputs.append(("--tokenizer folder", data.tokenizer))
+    inputs += [(f"--calib {task} file", file) for task, file in data.files.items()]
+    inputs += [(f"--expert {task} folder", folder) for task, folder in data.experts.items()]
+    return {
+        "--calib-size": data.size, "--max-length": data.max_length, "--seed": data.seed,
+        "--batch-size": data.batch_size, "--text-field": data.text_field,
+        "--model-dtype": str(engine.model_dtype), **input_identities(inputs),
+    }  # fmt: skip
+
+
 def run_quantize(
     model_dir: Path,
     out: Path,
@@ -310,6 +329,7 @@ def run_quantize(
     import torch
 
     from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
+    from epmq.calib.checkpoint import remove_checkpoint
     from epmq.calib.distributed import launched_group, shard
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
     from epmq.export import export_checkpoint
@@ -327,8 +347,11 @@ def run_quantize(
     )  # fmt: skip
     experts = {t: SafetensorsExpert(d, name=t) for t, d in data.experts.items()} or None
     method = options.method
+    identity = _checkpoint_identity(model_dir, data, engine) if engine.resume else None
     with launched_group(engine.device) as (rank, world):  # under torchrun: one shard per rank
         checkpoint = resume_dir(out) if engine.resume else None
+        if checkpoint is None and rank == 0:
+            remove_checkpoint(resume_dir(out))
         if world > 1:
             batches = shard(batches, rank, world)
             checkpoint = None if checkpoint is None else checkpoint / f"rank{rank}"
@@ -348,6 +371,7 @@ def run_quantize(
             **options.params,
             engine=EngineOptions(
                 checkpoint_dir=checkpoint,
+                checkpoint_identity=identity,
                 progress=engine.progress and rank == 0,
                 device=engine.device,
             ),

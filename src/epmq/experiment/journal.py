@@ -4,9 +4,10 @@ An experiment evaluates dozens of models (the demo: about fifty, a quarter of an
 cores). Each finished table row or sweep point is appended to ``journal.jsonl`` in the run's
 partial output folder as one JSON line, flushed and fsynced before the next model starts. The
 first line fingerprints the run (the config without its output block, the workload's settings
-and tasks); ``epmq run/demo --resume`` reads the journal back, checks the fingerprint, and the
-runner skips every model already in it (and every merge whose models are all done). A line cut
-short by a crash is ignored, so at most the model being built when the run stopped is redone.
+and tasks, the identities of its inputs); ``epmq run/demo --resume`` reads the journal back,
+checks the fingerprint (a mismatch is refused, naming what changed), and the runner skips
+every model already in it (and every merge whose models are all done). A line cut short by a
+crash is ignored, so at most the model being built when the run stopped is redone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from epmq.errors import EpmqError
 from epmq.eval.results import Row, SweepPoint
+from epmq.identity import describe_changes
 
 JOURNAL_FILE = "journal.jsonl"
 
@@ -80,10 +82,11 @@ class Journal:
                 if number == len(lines):  # the line being written when the run stopped
                     break
                 raise EpmqError(f"{self.path}: line {number} is not valid JSON") from None
-        if not entries or entries[0].get("fingerprint") != self.fingerprint:
+        saved = entries[0].get("fingerprint") if entries else None
+        if saved != self.fingerprint:
             raise EpmqError(
-                f"{self.path}: the stopped run had other settings than this one; "
-                "pass --force to start over"
+                f"{self.path}: the stopped run had other settings or inputs than this one "
+                f"({describe_changes(saved, self.fingerprint)}); pass --force to start over"
             )
         for entry in entries[1:]:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from epmq.atomic import (
     output_dir,
@@ -25,6 +26,7 @@ from epmq.experiment.exports import VariantExporter
 from epmq.experiment.journal import JOURNAL_FILE, Journal
 from epmq.experiment.runner import run_experiment
 from epmq.experiment.workload import Workload, suite_workload
+from epmq.identity import input_identities
 
 
 def build_workload(
@@ -58,6 +60,19 @@ def session_inputs(config: ExperimentConfig, cache_dir: Path | None) -> list[tup
     return [*config.inputs(), ("suite cache", cache_dir or default_cache_root())]
 
 
+def input_fingerprint(config: ExperimentConfig, workload: Workload) -> dict[str, Any]:
+    """The identities (:mod:`epmq.identity`) of what the run's results depend on, for the
+    journal's fingerprint: the config's base, experts, heads and task data (the config file
+    itself enters through its settings), or a built-in suite's prepared base and experts (the
+    suite's settings, in the fingerprint too, fix its data)."""
+    if config.suite is None:
+        inputs = [(label, path) for label, path in config.inputs() if label != "config file"]
+    else:
+        inputs = [("suite base", workload.base_dir)]
+        inputs += [(f"suite expert {t}", folder) for t, folder in workload.expert_dirs.items()]
+    return input_identities(inputs)
+
+
 def check_models(config: ExperimentConfig) -> None:
     """What ``epmq run --check`` reads beyond the config: every group size must divide every
     linear of the base (a user's base folder; the built-in suites' models fit their grids)."""
@@ -87,7 +102,8 @@ def run_session(
 
     The run is journalled (:mod:`epmq.experiment.journal`) in a partial folder that survives
     an error or an interrupt; ``resume=True`` continues such a stopped run from its last
-    finished model, ``force`` discards it.
+    finished model when its settings and inputs (:func:`input_fingerprint`) are unchanged,
+    ``force`` discards it.
     """
     out = Path(config.output.dir)
     force = force or config.output.force
@@ -107,6 +123,7 @@ def run_session(
         "config": config.model_dump(mode="json", exclude={"output": {"force"}}),
         "workload": workload.settings,
         "tasks": workload.tasks,
+        "inputs": input_fingerprint(config, workload),
     }
     # --resume reuses the partial folder even without a journal (a run stopped before its
     # first model): the journal then starts afresh and every export is rewritten.
