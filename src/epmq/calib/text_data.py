@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from epmq.errors import EpmqError
+from epmq.models.folder import quiet_transformers
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 DEFAULT_FIELD = "text"
@@ -167,7 +168,8 @@ def load_tokenizer(folder: str | Path) -> Any:
     if not folder.is_dir():
         raise EpmqError(f"tokenizer folder {folder} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EpmqError(f"cannot load a tokenizer from {folder}: {first}") from None

@@ -35,9 +35,10 @@ def evaluate_folder(
     from epmq.devices import resolve_device
 
     target = resolve_device(device)
+    encoder = suite.load_encoder(folder)  # a broken folder fails before the experts are built
     models = suite.prepare(progress=progress)
     heads = {task: suite.load_head(models.expert_dirs[task]) for task in suite.task_names}
-    encoder = suite.load_encoder(folder).to(target)
+    encoder = encoder.to(target)
     return suite.evaluate(encoder, heads, batch_size=batch_size, max_examples=max_test)
 
 

@@ -117,22 +117,14 @@ def _model_dtype(name: str) -> torch.dtype:
 
 
 def _load(model_dir: Path) -> tuple[Any, Any, str]:
-    from transformers.utils import logging as hf_logging
-
+    """The model (loaded quietly and checked, :func:`epmq.models.folder.from_folder`)."""
     from epmq.models.registry import detect_family, load_model
 
     family = detect_family(model_dir)
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         model, adapter = load_model(model_dir)
     except OSError as exc:
         raise EpmqError(f"cannot load the model in {model_dir}: {exc}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     return model, adapter, family
 
 

@@ -15,7 +15,7 @@ whose labels index the classes, and seeded calibration sampling. Images stay laz
 decodes them; :class:`ImagePreprocessing` reproduces ``CLIPImageProcessor`` without torchvision.
 """
 
-from epmq.data.examples import Examples, Modality, TaskData
+from epmq.data.examples import Examples, Modality, TaskData, shared_examples
 from epmq.data.formats import FORMATS
 from epmq.data.image_refs import ArrayImage, DatasetImage, FileImage, ImageRef, load_images
 from epmq.data.images import CLIP_MEAN, CLIP_STD, ImagePreprocessing
@@ -35,4 +35,5 @@ __all__ = [
     "TaskData",
     "load_images",
     "read_task_data",
+    "shared_examples",
 ]

@@ -43,6 +43,19 @@ class Examples:
         )
 
 
+def shared_examples(examples: Examples, others: Examples) -> int:
+    """How many of ``examples`` are identical to one of ``others``: the same text, or an image
+    of the same content (:meth:`~epmq.data.image_refs.ImageRef.digest`); labels aside."""
+    seen = {_digest(item) for item in others.inputs}
+    return sum(_digest(item) in seen for item in examples.inputs)
+
+
+def _digest(item: str | ImageRef) -> bytes:
+    if isinstance(item, ImageRef):
+        return b"image:" + item.digest()
+    return b"text:" + hashlib.sha256(str(item).encode("utf-8")).digest()
+
+
 def calibration_seed(seed: int, task: str) -> int:
     """A stable 63-bit seed for a task's calibration draw (independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256(f"{seed}:{task}:calibration".encode()).digest()

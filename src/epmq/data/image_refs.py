@@ -13,6 +13,7 @@ an :class:`~epmq.errors.EpmqError` naming the task and the file. :func:`load_ima
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ class ImageRef(ABC):
     def describe(self) -> str:
         """Where the image lives, for messages."""
 
+    @abstractmethod
+    def digest(self) -> bytes:
+        """A SHA-256 of the image's content (the file's bytes, the array entry's pixels or the
+        decoded pixels): equal for identical images wherever they are stored."""
+
 
 @dataclass(frozen=True)
 class FileImage(ImageRef):
@@ -59,6 +65,13 @@ class FileImage(ImageRef):
 
     def describe(self) -> str:
         return str(self.path)
+
+    def digest(self) -> bytes:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).digest()
+        except OSError as exc:
+            prefix = f"task {self.task}: " if self.task else ""
+            raise EpmqError(f"{prefix}cannot read image {self.path}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +102,9 @@ class ArrayImage(ImageRef):
     def describe(self) -> str:
         return f"{self.where}[{self.index}]"
 
+    def digest(self) -> bytes:
+        return _pixel_digest(np.asarray(self.array[self.index]), self.layout)
+
 
 @dataclass(frozen=True, eq=False)
 class DatasetImage(ImageRef):
@@ -112,6 +128,17 @@ class DatasetImage(ImageRef):
 
     def describe(self) -> str:
         return f"{self.where}[{self.index}][{self.column!r}]"
+
+    def digest(self) -> bytes:
+        image = self.load()
+        return _pixel_digest(np.asarray(image), image.mode)
+
+
+def _pixel_digest(pixels: np.ndarray, kind: str) -> bytes:
+    """SHA-256 of an array's dtype, shape, layout and bytes."""
+    digest = hashlib.sha256(f"{pixels.dtype}{pixels.shape}{kind}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.digest()
 
 
 def load_images(refs: Sequence[ImageRef | Image.Image]) -> list[Image.Image]:

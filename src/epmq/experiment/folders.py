@@ -10,6 +10,7 @@ wrong width) is one :class:`~epmq.errors.EpmqError` naming it, raised before any
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,13 +18,15 @@ from typing import Any
 
 from torch import nn
 
-from epmq.data import TaskData, read_task_data
+from epmq.data import Examples, TaskData, read_task_data, shared_examples
 from epmq.errors import EpmqError
 from epmq.experiment.config import ExperimentConfig, TaskSpec
 from epmq.experiment.workload import Workload
 from epmq.heads import HeadOptions, family_tasks
 from epmq.models.folder import read_config
 from epmq.models.registry import detect_family
+
+log = logging.getLogger(__name__)
 
 
 def config_family(config: ExperimentConfig) -> str:
@@ -61,6 +64,23 @@ def read_tasks(config: ExperimentConfig) -> dict[str, TaskData]:
     }
 
 
+def warn_shared_examples(data: TaskData, calib: Examples, test: Examples) -> None:
+    """One warning line when calibration examples are also test examples (exact copies, by
+    hash: :func:`~epmq.data.shared_examples`): the accuracy is then measured partly on data
+    the quantizer has seen. The examples compared are the ones used: the calibration draw and
+    the evaluated test examples."""
+    shared = shared_examples(calib, test)
+    if shared:
+        log.warning(
+            "task %s: %d of the %d calibration examples are identical to test examples (%s); "
+            "the test accuracy is not held out from calibration",
+            data.name,
+            shared,
+            len(calib),
+            data.source,
+        )
+
+
 def test_limit(task: TaskSpec, config: ExperimentConfig) -> int | None:
     """How many test examples of ``task`` are evaluated (None: all)."""
     limits = [n for n in (task.test_size, config.evaluation.max_test) if n is not None]
@@ -81,16 +101,14 @@ def folder_workload(config: ExperimentConfig) -> Workload:
     experts = {e.task: e for e in config.experts}
     names = [t.name for t in config.tasks]
     heads = {t: logic.head(specs[t], data[t], experts[t]) for t in names}
+    calib = {t: data[t].calibration(specs[t].calib_size, seed=config.seed) for t in names}
     calibration = {
-        t: logic.calibration_batches(
-            specs[t],
-            heads[t],
-            data[t].calibration(specs[t].calib_size, seed=config.seed),
-            config.calibration.batch_size,
-        )
+        t: logic.calibration_batches(specs[t], heads[t], calib[t], config.calibration.batch_size)
         for t in names
     }
     tests = {t: data[t].test_examples(test_limit(specs[t], config)) for t in names}
+    for t in names:
+        warn_shared_examples(data[t], calib[t], tests[t])
 
     def evaluate(
         model: nn.Module, task_heads: Mapping[str, Any], tasks: Sequence[str]

@@ -80,10 +80,8 @@ def check_models(config: ExperimentConfig) -> None:
         return
     from epmq.models.adapter import check_group_sizes
     from epmq.models.registry import load_model
-    from epmq.suites.classifier import quiet_transformers
 
-    with quiet_transformers():
-        model, adapter = load_model(config.base.path)
+    model, adapter = load_model(config.base.path)
     sizes = config.quantization.group_sizes
     check_group_sizes(model, adapter, sizes, config.where("quantization.group_sizes"))
 

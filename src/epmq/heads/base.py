@@ -38,6 +38,8 @@ class TaskFields(Protocol):
     @property
     def max_length(self) -> int: ...
     @property
+    def classes(self) -> Sequence[str] | None: ...
+    @property
     def prompt(self) -> str | None: ...
     @property
     def label_words(self) -> Sequence[str] | None: ...
@@ -106,7 +108,11 @@ class FamilyTasks:
 
     # -- shared ---------------------------------------------------------------------------
     def check_labels(self, task: TaskFields, data: TaskData, n_outputs: int, where: str) -> None:
-        """Every label of every split must be one of the head's ``n_outputs`` classes."""
+        """Every label of every split must be one of the head's ``n_outputs`` classes, and
+        the class list must match the head: the task's ``classes`` field exactly (a longer
+        list names classes the head cannot predict, a shorter one leaves head outputs that
+        name no class), classes that the data names or implies never more than the head
+        has (integer labels may leave the head's last classes unused in the data)."""
         for split_name in ("train", "calib", "test"):
             split = getattr(data, split_name)
             if split is None or not split.labels:
@@ -117,6 +123,17 @@ class FamilyTasks:
                     f"task {task.name}: label {data.classes[top]!r} (class {top}) in the "
                     f"{split_name} split is outside the {n_outputs} classes of {where}"
                 )
+        count = len(data.classes)
+        if task.classes is not None and count != n_outputs:
+            raise EpmqError(
+                f"task {task.name}: field 'classes' lists {count} classes but {where} has "
+                f"{n_outputs} outputs"
+            )
+        if count > n_outputs:
+            raise EpmqError(
+                f"task {task.name}: {data.source} names {count} classes but {where} has "
+                f"{n_outputs} outputs"
+            )
 
     @torch.inference_mode()
     def accuracy(
@@ -141,9 +158,10 @@ def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def label_words(task: TaskFields, data: TaskData) -> list[str]:
-    """The words that name each class in generated text: ``label_words``, else class names."""
+    """The words that name each class in generated text: ``label_words``, else class names
+    (one word per class: an extra word would be a prediction that names no class)."""
     words = list(task.label_words) if task.label_words else list(data.classes)
-    if len(words) < len(data.classes):
+    if len(words) != len(data.classes):
         raise EpmqError(
             f"task {task.name}: {len(words)} label_words for {len(data.classes)} classes "
             f"({', '.join(data.classes)})"

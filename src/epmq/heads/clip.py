@@ -38,10 +38,12 @@ from epmq.heads.base import (
 from epmq.heads.encoder import linear_head
 from epmq.models.adapter import BlockAdapter
 from epmq.models.clip import classify, zero_shot_head
-from epmq.models.folder import read_config
-from epmq.suites.classifier import HEAD_FILE, quiet_transformers
+from epmq.models.folder import from_folder, read_config
+from epmq.suites.classifier import HEAD_FILE
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+#: the tensors of a full CLIP folder that its vision tower does not hold
+_NOT_VISION = ("text_model", "text_projection", "visual_projection", "logit_scale")
 
 
 class ClipTasks(FamilyTasks):
@@ -74,8 +76,7 @@ class ClipTasks(FamilyTasks):
     def _base_clip(self) -> nn.Module:
         """The whole pretrained base (text tower and projections), loaded once."""
         if self._full is None:
-            with quiet_transformers():
-                self._full = self.adapter.load(self.base_dir)
+            self._full = self.adapter.load(self.base_dir)
         return self._full
 
     def _projection(self, raw: dict[str, Any]) -> nn.Module | None:
@@ -84,11 +85,12 @@ class ClipTasks(FamilyTasks):
         return None
 
     def load_model(self, folder: Path) -> nn.Module:
+        """The vision tower alone; a full CLIP folder's text tower and projections are left
+        out on purpose (the base's ``visual_projection`` is read once, in ``__init__``)."""
         from transformers import CLIPVisionModel
 
         read_config(folder)
-        with quiet_transformers():
-            model = CLIPVisionModel.from_pretrained(str(folder), local_files_only=True)
+        model = from_folder(CLIPVisionModel, folder, unused=_NOT_VISION)
         return model.eval()
 
     @property

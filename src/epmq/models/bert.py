@@ -75,6 +75,11 @@ def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:
     ``head`` is one of ``base``, ``sequence-classification``, ``token-classification``,
     ``masked-lm``; extra keyword arguments (e.g. ``num_labels``) go to ``from_pretrained``.
     A compressed-tensors export loads dequantized (:func:`~epmq.models.folder.from_folder`).
+
+    The ``base`` model has a pooler only when the checkpoint has one (a folder saved without
+    it, as the suites' encoders and their exports are, loads without it: no random pooler);
+    ``add_pooling_layer=False`` leaves a checkpoint's pooler out without a warning. Every other
+    tensor the model needs must be in the checkpoint.
     """
     import transformers
 
@@ -83,6 +88,10 @@ def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:
         raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
     if head not in _HEADS:
         raise EpmqError(f"unknown BERT head {head!r}; choose one of {', '.join(_HEADS)}")
-    model = from_folder(getattr(transformers, _HEADS[head]), path, **kwargs)
+    optional = ("pooler",) if head == "base" else ()
+    unused = ("pooler",) if kwargs.get("add_pooling_layer") is False else ()
+    model = from_folder(
+        getattr(transformers, _HEADS[head]), path, optional=optional, unused=unused, **kwargs
+    )
     model.eval()
     return model

@@ -14,9 +14,8 @@ Expert folder (what :meth:`Suite.prepare` writes and what users bring)::
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from epmq.atomic import save_tensors, write_json
 from epmq.errors import EpmqError
+from epmq.models.folder import from_folder, quiet_transformers
 
 HEAD_FILE = "head.safetensors"
 INFO_FILE = "epmq_expert.json"
@@ -64,23 +64,6 @@ class PooledClassifier(nn.Module):
         return self.head(pooled_features(self.encoder, batch))
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and weight-loading progress bars."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load_encoder(path: str | Path) -> Any:
     """Load a ``BertModel`` (without pooler) from a Hugging Face folder, in eval mode.
 
@@ -90,13 +73,10 @@ def load_encoder(path: str | Path) -> Any:
     """
     from transformers import BertModel
 
-    from epmq.models.folder import from_folder
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EpmqError(f"{path}: not a Hugging Face model folder (no config.json)")
-    with quiet_transformers():
-        model = from_folder(BertModel, path, add_pooling_layer=False)
+    model = from_folder(BertModel, path, unused=("pooler",), add_pooling_layer=False)
     return model.eval()
 
 

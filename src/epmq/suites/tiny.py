@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from epmq.atomic import output_dir
-from epmq.suites.classifier import quiet_transformers
+from epmq.models.folder import quiet_transformers
 from epmq.suites.suite import TRAINING_DEFAULTS, Suite, apply_overrides, settings_key
 from epmq.suites.task import Task, build_task, derived_seed
 
