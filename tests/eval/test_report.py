@@ -334,3 +334,12 @@ def test_a_solver_the_registry_does_not_know_still_renders() -> None:
     assert table_cells(md, "ta-future-4")[1].startswith("future 4-bit")
     table = md.split("## The gaps")[0]
     assert table.index("ta-epmq-4") < table.index("ta-future-4") < table.index("ta-rtn-3")
+
+
+def test_recovered_share_of_the_merging_loss() -> None:
+    """(row − merge) / (experts − merge) per quantizer: ta 4-bit E-PMQ is 74 against a merge of
+    70 and experts of 80, so it wins back 40 % of what merging lost; GPTQ (65) is at −50 %."""
+    md = render_markdown(make_results())
+    section = md.split("### Experts → merge → low bit")[1].split("###")[0]
+    line = next(r for r in section.splitlines() if r.startswith("| ta | 4-bit |"))
+    assert line == "| ta | 4-bit | 80.0 | 70.0 | 60.0 (-100 %) | 65.0 (-50 %) | 74.0 (+40 %) |"

@@ -8,10 +8,10 @@ For every stage of the model (one for encoders and decoders, two for T5), and ev
 3. solve every linear (:mod:`epmq.calib.solve`), write the weights back;
 4. propagate: re-run the block to produce the next block's inputs (:mod:`epmq.calib.block`).
 
-Where the linears' inputs come from (``x_source``): ``quantized`` (default; through the model
+Where the linears' inputs come from (``x_source``): ``quantized`` (through the model
 as rounded so far), ``merged`` (through the full-precision merged model), ``expert`` (as
 ``quantized``, plus each expert's own activations through its own blocks for the targets:
-``C_i = X_i^expert X_iᵀ / n_i``). Expert tensors are read one block at a time.
+``C_i = X_i^expert X_iᵀ / n_i``; E-PMQ's default). Expert tensors are read one block at a time.
 
 Two runs need no forward pass at all: RTN without calibration data (``calib=None``: every
 weight rounded alone), and ``x_source="merged"`` with a :class:`StatsCache` already filled by
@@ -121,7 +121,7 @@ def quantize_model(
     method: str | Solver,
     grid: QuantGrid | None = None,
     experts: Sequence[ExpertSource] | Mapping[str, ExpertSource] | None = None,
-    x_source: str = "quantized",
+    x_source: str | None = None,
     task_weights: Sequence[float] | Mapping[str, float] | None = None,
     true_sequential: bool = True,
     engine: EngineOptions | None = None,
@@ -142,7 +142,8 @@ def quantize_model(
             without a grid writes the continuous target W* — or none for merges).
         experts: one weight source per task (``ExpertWeights``, a safetensors folder, or a
             state dict), as a sequence in task order or a mapping by task name.
-        x_source: ``quantized``, ``merged`` or ``expert`` (see module docs).
+        x_source: ``quantized``, ``merged`` or ``expert`` (see module docs); None: the
+            solver's default (``expert`` for E-PMQ, ``quantized`` for the others).
         task_weights: ``w_i`` per task (default 1 each).
         true_sequential: solve the adapter's linear groups one after another.
         engine: how the run is carried out (:class:`EngineOptions`: device, progress bar,
@@ -163,6 +164,7 @@ def quantize_model(
     solver = options.solver
     if calib is None and solver.uses_inputs:
         raise EpmqError(f"method {solver.name!r} needs calibration data (only rtn runs without)")
+    x_source = x_source or solver.default_x_source
     solver.check_x_source(x_source)
     if stats_cache is not None and x_source != "merged":
         raise EpmqError("a statistics cache holds merged-stream statistics: use x_source='merged'")

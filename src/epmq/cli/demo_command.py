@@ -41,8 +41,8 @@ def demo(
     bits: str = typer.Option("4,3", help="Bit widths, comma-separated."),
     group_sizes: str = typer.Option("-1,128", help="Group sizes (-1: per channel), e.g. -1,128."),
     alpha: float = typer.Option(0.1, help="E-PMQ anchor strength α."),
-    x_source: str = typer.Option(
-        "quantized", help="E-PMQ's inputs: quantized (GPTQ's way), merged, or expert."
+    x_source: str | None = typer.Option(
+        None, help="E-PMQ's inputs: expert (its default), quantized (GPTQ's way) or merged."
     ),
     alpha_sweep: str = typer.Option("0,0.01,0.1,1", help="α values swept (first merge)."),
     max_test: int | None = typer.Option(None, help="Evaluate at most N test examples per task."),

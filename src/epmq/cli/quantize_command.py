@@ -161,8 +161,13 @@ def quantize_command(
         float | None, typer.Option("--alpha", help="Short for --param alpha=A (E-PMQ).")
     ] = None,
     x_source: Annotated[
-        str, typer.Option("--x-source", help="Layer inputs: quantized, merged or expert.")
-    ] = "quantized",
+        str | None,
+        typer.Option(
+            "--x-source",
+            help="Layer inputs: quantized, merged or expert (default: the method's own; "
+            "E-PMQ: expert).",
+        ),
+    ] = None,
     target: Annotated[
         str | None, typer.Option("--target", help="Short for --param target=T (E-PMQ).")
     ] = None,
@@ -225,6 +230,7 @@ def quantize_command(
     options = _solve_options(
         method, param or [], shorthands, QuantGrid(bits, group_size, symmetric)
     )
+    x_source = x_source or options.solver.default_x_source
     options.solver.check_x_source(_choice("--x-source", x_source, X_SOURCES))
     if not model.is_dir():
         raise EpmqError(f"--model folder {model} does not exist")

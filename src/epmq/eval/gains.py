@@ -10,9 +10,49 @@ from functools import partial
 from typing import Any
 
 from epmq.eval.markdown import bits_label, param_labels, pct, pts, table
-from epmq.eval.plots import Comparison, comparison, quant_label
+from epmq.eval.plots import Comparison, comparison, quant_label, quantizers
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
 from epmq.quant.solvers import get_solver, list_solvers
+
+
+def recovery_lines(results: Results) -> list[str]:
+    """Per merge and bit setting, every quantizer's primary row and the share of the merging
+    loss it recovers: ``(row − merge) / (experts − merge)`` (0 %: the full-precision merge's
+    level, 100 %: the experts'; negative: below the merge)."""
+    expert = results.expert_row()
+    names = quantizers(results)
+    lines = ["### Experts → merge → low bit: the share of the merging loss recovered", ""]
+    if expert is None or not names:
+        return [*lines, "Needs the experts' row and quantized rows; not measured.", ""]
+    body = []
+    for merge in results.merges():
+        full = results.find(kind="merged", merge=merge)
+        if not full:
+            continue
+        x, m = average(expert), average(full[0])
+        for bits, group in results.bit_settings(merge):
+            cells = [merge, bits_label(bits, group), pct(x), pct(m)]
+            for name in names:
+                row = results.quantized(merge, name, bits, group)
+                if row is None:
+                    cells.append("–")
+                elif x - m <= 0:
+                    cells.append(pct(average(row)))
+                else:
+                    share = 100 * (average(row) - m) / (x - m)
+                    cells.append(f"{pct(average(row))} ({share:+.0f} %)")
+            body.append(cells)
+    if not body:
+        return [*lines, "Needs a full-precision row per merge; not measured.", ""]
+    header = ["merge", "setting", "experts", "merge", *(quant_label(n) for n in names)]
+    lines += table(header, body)
+    lines += [
+        "",
+        "Average accuracy in %; in brackets the share of the points lost by merging that the"
+        " quantized model wins back (0 %: the full-precision merge, 100 %: the experts).",
+        "",
+    ]
+    return lines
 
 
 def gap_lines(results: Results, threshold: float) -> list[str]:
@@ -32,6 +72,7 @@ def gap_lines(results: Results, threshold: float) -> list[str]:
         else:
             text += f"{gap:.1f} points lost by merging."
         lines.append(text)
+    lines += ["", *recovery_lines(results)]
     pair = comparison(results)
     guided_label, base_label = pair.labels
     lines += ["", f"### Merge → {base_label} (points lost by rounding) and {guided_label}", ""]

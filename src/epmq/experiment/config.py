@@ -129,7 +129,7 @@ class QuantizationSpec(_Strict):
     percdamp: float = Field(0.01, gt=0)
     block_size: int = Field(128, ge=1)
     alpha: float = Field(0.1, ge=0)
-    x_source: XSource = "quantized"
+    x_source: XSource | None = None  # None: each solver's default (E-PMQ: expert)
     target: Target = "expert"
     alpha_sweep: list[float] = Field(default_factory=list)
     x_source_study: bool = False

@@ -108,7 +108,7 @@ def plan_experiment(config: ExperimentConfig) -> list[Variant]:
             base = _variant(config, name, method, bits=study_bits, group_size=study_group)
             if q.x_source_study:
                 for source in X_SOURCES:
-                    if source != q.x_source:
+                    if source != base.x_source:
                         variants.append(replace(base, x_source=source, study=X_SOURCE_STUDY))
             for alpha in q.alpha_sweep:
                 for target in ("expert", "merged"):
@@ -121,8 +121,9 @@ def _variant(config: ExperimentConfig, merge: str, method: str, **fields: Any) -
     """A variant of ``method``; a solver fitting expert-guided targets records the config's
     X-source (its rows are compared across X-sources)."""
     kind = fields.pop("kind", "quantized")
-    if get_solver(method).studied:
-        fields.update(x_source=config.quantization.x_source)
+    solver = get_solver(method)
+    if solver.studied:
+        fields.update(x_source=config.quantization.x_source or solver.default_x_source)
     return Variant(merge=merge, kind=kind, quantizer=method, **fields)
 
 

@@ -365,7 +365,7 @@ def _quantized_copy(
             bits=variant.bits or 4, group_size=variant.group_size or -1, symmetric=q.symmetric
         )
     solver = get_solver(variant.quantizer or "")
-    x_source = variant.x_source or "quantized"
+    x_source = variant.x_source or solver.default_x_source
     run = quantize_model(
         model,
         None,

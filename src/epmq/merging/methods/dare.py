@@ -42,8 +42,8 @@ COMBINES = ("task_arithmetic", "ties")
         Param(
             "merge_func",
             str,
-            "mean",
-            "with combine=ties: disjoint mean or sum of agreeing entries",
+            "sum",
+            "with combine=ties: sum (with scale 0.3, as ties) or disjoint mean of agreeing entries",
             choices=MERGE_FUNCS,
         ),
     ],

@@ -25,7 +25,7 @@ only these declarations (it never compares names):
   without calibration data and needs one pass per block;
 - ``gram_inputs``: ``expert`` when, with the expert activation stream, its Grams are taken of
   the experts' own inputs (RegMean's), else ``model``;
-- ``x_sources``: the X-sources it supports;
+- ``x_sources``: the X-sources it supports, its default first (E-PMQ's is ``expert``);
 - ``input_scales``: a search, run once per group of linears reading one input that the model's
   adapter can rescale (``BlockAdapter.input_producers``: a norm, or the rows of the linear
   before), returning a per-input-channel ``s`` (or None). Each linear of the group is then
@@ -116,6 +116,11 @@ class Solver(Declared):
         """Whether the solver fits expert-guided targets (``target`` statistics): the
         X-source study and the α sweep of an experiment are about such solvers."""
         return self.statistics == "target"
+
+    @property
+    def default_x_source(self) -> str:
+        """Where its layer inputs come from unless the user says otherwise."""
+        return self.x_sources[0]
 
     @property
     def rounds(self) -> bool:
