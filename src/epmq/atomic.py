@@ -32,6 +32,9 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+TEMP_SUFFIX = ".tmp"  # of the hidden ``.<name>.<random>.tmp`` file a write goes through
+
+
 def partial_dir(path: str | Path) -> Path:
     """The fixed partial folder of a resumable :func:`output_dir` for ``path``."""
     path = Path(path)
@@ -81,7 +84,7 @@ def write_bytes(path: str | Path, data: bytes, *, force: bool = True) -> Path:
     path = Path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
@@ -134,6 +137,15 @@ def remove_orphans(path: str | Path) -> list[Path]:
     return removed
 
 
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that writes cut short by SIGKILL left under ``folder`` (a
+    resumable partial folder being resumed: only this run writes there); returns them."""
+    stale = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -156,7 +168,8 @@ def output_dir(
 
     ``resumable``: the partial folder has a fixed name (``.<name>.partial``) and is *kept* when
     the run stops with an error or an interrupt, so a later call with ``resume=True`` continues
-    in it; an existing one is removed only with ``force``, else refused.
+    in it (first removing the temporary files of writes a SIGKILL cut short); an existing one is
+    removed only with ``force``, else refused.
     """
     path = Path(path)
     refuse_existing(path, force)
@@ -166,6 +179,8 @@ def output_dir(
         partial = partial_dir(path)
         if partial.exists() and not resume:
             shutil.rmtree(partial)
+        elif partial.exists():  # a killed run's half-written file must not reach the output
+            remove_temporaries(partial)
         partial.mkdir(exist_ok=True)
     else:
         remove_orphans(path)

@@ -104,3 +104,33 @@ def test_interrupted_command_reruns_to_the_same_outputs(
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+
+def test_run_killed_while_writing_its_report_resumes_from_the_journal(
+    inputs: Inputs,
+    references: dict[str, tuple[dict[str, str], list[str]]],
+    tmp_path: Path,
+) -> None:
+    """SIGKILL between results.json's temporary file and its rename: the resumed run takes
+    every model from the journal (nothing is rebuilt) and the half-written file does not reach
+    the report folder."""
+    reference, events = references["run"]
+    args, out, rerun = command_args(inputs, "run")
+    stop_at = events.index("replace results.json")
+    try:
+        stopped = stop_child(args, tmp_path / "events", stop_at, SIGNALS["SIGKILL"])
+        assert stopped.returncode == -9
+        models = sum(event == "journal key" for event in events)
+        again = subprocess.run(
+            [sys.executable, "-m", "epmq", *args, *rerun],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+        assert again.returncode == 0, again.stderr
+        assert f"{models} models already finished" in again.stdout
+        assert output_digest(out) == reference
+        assert sorted(p.name for p in inputs.out_dir.iterdir()) == [out.name]
+    finally:
+        for path in inputs.out_dir.iterdir():
+            shutil.rmtree(path)
