@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,16 @@ def test_run_killed_while_writing_its_report_resumes_from_the_journal(
     finally:
         for path in inputs.out_dir.iterdir():
             shutil.rmtree(path)
+
+
+def test_main_leaves_the_callers_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``epmq.cli.main`` called from Python installs its SIGINT/SIGTERM handlers only while
+    the command runs."""
+    from epmq.cli import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["epmq", "version"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from epmq.atomic import write_text
 from epmq.errors import EpmqError
 from epmq.eval.results import Row, SweepPoint
 
@@ -98,4 +97,7 @@ class Journal:
                 raise EpmqError(f"{self.path}: unreadable entry ({exc})") from None
         # Rewrite what was read (drops a cut-off last line) so later appends stay parseable.
         kept = [entries[0], *(e for e in entries[1:] if {"row", "point", "export"} & set(e))]
-        write_text(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
