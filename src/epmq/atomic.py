@@ -3,11 +3,13 @@
 Files are written to a hidden temporary sibling and renamed into place (``os.replace`` is
 atomic on POSIX). Output folders are built under a hidden ``.<name>.partial-<pid>`` sibling
 and renamed when complete, so a run killed half-way never leaves a folder that looks
-finished; such a folder left by a killed run (SIGTERM, SIGKILL) is removed by the next run
-once its process is gone. Files get the mode the user's umask gives. Existing outputs are
-never overwritten unless the caller passes ``force=True``, and no output may equal, contain or
-lie inside one of the command's inputs (:func:`refuse_overlap`), so ``--force`` can never
-delete a config, a model or data.
+finished; such a folder left by a killed run (SIGKILL; the command line turns SIGINT and
+SIGTERM into an exception that removes it) is removed by the next run once its process is gone,
+and a resumed ``.<name>.partial`` folder is cleared of the temporary files of cut-short
+writes. Files get the mode the user's umask gives. Existing outputs are never overwritten
+unless the caller passes ``force=True``, and no output may equal, contain or lie inside one of
+the command's inputs (:func:`refuse_overlap`), so ``--force`` can never delete a config, a
+model or data.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def save_tensors(
 
 def remove_orphans(path: str | Path) -> list[Path]:
     """Remove the ``.<name>.partial-<pid>`` folders beside ``path`` whose process is gone (a
-    run killed by SIGTERM or SIGKILL cannot clean up after itself); returns them. A folder of
+    run killed by SIGKILL cannot clean up after itself); returns them. A folder of
     a live process (another run building the same output) is left alone."""
     path = Path(path)
     removed = []
