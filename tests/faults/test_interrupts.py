@@ -2,12 +2,12 @@
 
 Each command first runs uninterrupted as a child process, reporting its file events (see
 ``interrupt_child.py``); that is the reference. Then, for SIGINT, SIGTERM and SIGKILL, the
-same command is held at one of those events, picked by a seeded random choice, and signalled
-there; it is run again (with ``--resume`` where the command has it) and must end with exit 0
-and outputs equal to the reference's, file by file (JSON and ``report.md`` without their
-timing fields), with nothing left beside the output (no partial, resume or temporary files)
-and the inputs unchanged. SIGINT and SIGTERM must end the stopped process with a non-zero exit
-and one line, no traceback.
+same command is held at one of those events, picked by a seeded random choice early, half-way
+or late (:func:`stop_point`), and signalled there; it is run again (with ``--resume`` where the
+command has it) and must end with exit 0 and outputs equal to the reference's, file by file
+(JSON and ``report.md`` without their timing fields), with nothing left beside the output (no
+partial, resume or temporary files) and the inputs unchanged. SIGINT and SIGTERM must end the
+stopped process with one line, no traceback, and exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ from interrupt_fixtures import (
 
 COMMANDS = ("merge", "quantize", "run")
 SEED = 17
+
+
+def stop_point(command: str, signame: str, n_events: int) -> int:
+    """The event at which ``command`` gets ``signame``: a seeded random one in the first, middle
+    or last third of its events, the third rotating with the signal and the command, so each
+    command is stopped early, half-way and late, and each signal hits each stage once."""
+    third = (COMMANDS.index(command) + list(SIGNALS).index(signame)) % 3
+    low, high = third * n_events // 3, (third + 1) * n_events // 3
+    return random.Random(f"{SEED}:{command}:{signame}").randrange(low, max(high, low + 1))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +80,7 @@ def test_interrupted_command_reruns_to_the_same_outputs(
 ) -> None:
     reference, events = references[command]
     args, out, rerun = command_args(inputs, command)
-    stop_at = random.Random(f"{SEED}:{command}:{signame}").randrange(len(events))
+    stop_at = stop_point(command, signame, len(events))
     before = file_digest(inputs.root)
     try:
         stopped = stop_child(args, tmp_path / "events", stop_at, SIGNALS[signame])
