@@ -3,11 +3,13 @@
 Files are written to a hidden temporary sibling and renamed into place (``os.replace`` is
 atomic on POSIX). Output folders are built under a hidden ``.<name>.partial-<pid>`` sibling
 and renamed when complete, so a run killed half-way never leaves a folder that looks
-finished; such a folder left by a killed run (SIGTERM, SIGKILL) is removed by the next run
-once its process is gone. Files get the mode the user's umask gives. Existing outputs are
-never overwritten unless the caller passes ``force=True``, and no output may equal, contain or
-lie inside one of the command's inputs (:func:`refuse_overlap`), so ``--force`` can never
-delete a config, a model or data.
+finished; such a folder left by a killed run (SIGKILL; the command line turns SIGINT and
+SIGTERM into an exception that removes it) is removed by the next run once its process is gone,
+and a resumed ``.<name>.partial`` folder is cleared of the temporary files of cut-short
+writes. Files get the mode the user's umask gives. Existing outputs are never overwritten
+unless the caller passes ``force=True``, and no output may equal, contain or lie inside one of
+the command's inputs (:func:`refuse_overlap`), so ``--force`` can never delete a config, a
+model or data.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from epmq.errors import EpmqError
 # a temporary file get the mode open() would give them, not mkstemp's private 0600.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+TEMP_SUFFIX = ".tmp"  # of the hidden ``.<name>.<random>.tmp`` file a write goes through
 
 
 def partial_dir(path: str | Path) -> Path:
@@ -81,7 +86,7 @@ def write_bytes(path: str | Path, data: bytes, *, force: bool = True) -> Path:
     path = Path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
@@ -122,7 +127,7 @@ def save_tensors(
 
 def remove_orphans(path: str | Path) -> list[Path]:
     """Remove the ``.<name>.partial-<pid>`` folders beside ``path`` whose process is gone (a
-    run killed by SIGTERM or SIGKILL cannot clean up after itself); returns them. A folder of
+    run killed by SIGKILL cannot clean up after itself); returns them. A folder of
     a live process (another run building the same output) is left alone."""
     path = Path(path)
     removed = []
@@ -132,6 +137,15 @@ def remove_orphans(path: str | Path) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that writes cut short by SIGKILL left under ``folder`` (a
+    resumable partial folder being resumed: only this run writes there); returns them."""
+    stale = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def _alive(pid: int) -> bool:
@@ -156,7 +170,8 @@ def output_dir(
 
     ``resumable``: the partial folder has a fixed name (``.<name>.partial``) and is *kept* when
     the run stops with an error or an interrupt, so a later call with ``resume=True`` continues
-    in it; an existing one is removed only with ``force``, else refused.
+    in it (first removing the temporary files of writes a SIGKILL cut short); an existing one is
+    removed only with ``force``, else refused.
     """
     path = Path(path)
     refuse_existing(path, force)
@@ -166,6 +181,8 @@ def output_dir(
         partial = partial_dir(path)
         if partial.exists() and not resume:
             shutil.rmtree(partial)
+        elif partial.exists():  # a killed run's half-written file must not reach the output
+            remove_temporaries(partial)
         partial.mkdir(exist_ok=True)
     else:
         remove_orphans(path)

@@ -13,3 +13,17 @@ class EpmqError(Exception):
     """A user-facing error: the message names what is wrong and where."""
 
     exit_code: int = 2
+
+
+class Stopped(BaseException):
+    """The command line was stopped by a signal (SIGINT, SIGTERM): raised by its handler so the
+    run unwinds as on any error (partial outputs removed, a resumable one kept), then reported on
+    one line with exit code 128 + the signal's number. A ``BaseException``, like
+    ``KeyboardInterrupt``, so that ``except Exception`` does not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")

@@ -197,3 +197,28 @@ def test_missing_folder_and_bad_method(tiny_models: dict, tmp_path: Path) -> Non
             tiny_models["root"] / "base", tiny_models["expert_dirs"], tmp_path / "m", "mean"
         )
     assert not (tmp_path / "m").exists()
+
+
+class _RunsCode:
+    """Unpickling it creates ``marker``: what a crafted ``.bin`` file can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (str(self.marker), "ran"))
+
+
+def test_bin_with_pickled_code_is_refused_unrun(tiny_models: dict, tmp_path: Path) -> None:
+    """``.bin`` weights are read with ``torch.load(weights_only=True)``: a pickled object that
+    would run code is refused naming the file, never unpickled, and nothing is written."""
+    expert, marker = tmp_path / "crafted", tmp_path / "marker"
+    expert.mkdir()
+    src = tiny_models["expert_dirs"][0]
+    (expert / "config.json").write_text((src / "config.json").read_text())
+    state = {**load_file(src / "model.safetensors"), "payload": _RunsCode(marker)}
+    torch.save(state, expert / "pytorch_model.bin")
+    base = tiny_models["root"] / "base"
+    with pytest.raises(EpmqError, match=r"crafted/pytorch_model\.bin"):
+        merge_checkpoints(base, [expert], tmp_path / "m", "average")
+    assert not marker.exists() and not (tmp_path / "m").exists()

@@ -145,12 +145,12 @@ def run_session(
                 "with --resume continues it"
             )
             raise
-        journal.path.unlink()
         results.timings["total"] = time.perf_counter() - started
         if exporter.written:
             results.settings["exports"] = exporter.written
         write_report(results, partial, force=True)
         write_text(partial / "config.yaml", _config_yaml(config))
+        journal.path.unlink()  # last: a run stopped while writing the report resumes from it
     announce("")
     announce(render_markdown(results).split("\n## ")[0])
     announce(f"epmq: report written to {out}")
