@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from epmq.errors import EpmqError
+from epmq.eval.results_v1 import from_version_1
 
 RowKind = Literal["pretrained", "expert", "merged", "target", "quantized"]
 Quantizer = str  # a solver's registered name (epmq.quant.solvers); any name still renders
@@ -163,7 +164,7 @@ class Results(_Strict):
                 f"schema_version {version!r} is not one this epmq reads "
                 f"({', '.join(map(str, READABLE_VERSIONS))}); use the epmq that wrote it"
             )
-        return _from_version_1(data) if version == 1 else data
+        return from_version_1(data) if version == 1 else data
 
     @model_validator(mode="after")
     def _consistent(self) -> Results:
@@ -370,38 +371,6 @@ def _check_params(quantizer: str | None, params: dict[str, ParamValue]) -> None:
             solver.param(name).check(value, quantizer)
         except EpmqError as exc:
             raise ValueError(str(exc)) from None
-
-
-def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
-    """A version 1 results dict as version 2: ``alpha``/``target`` become ``params``; the rows
-    version 1 called ablations (merged targets, an X-source other than ``quantized``) a study."""
-
-    def upgraded(entry: Any, *, row: bool) -> Any:
-        if not isinstance(entry, dict):
-            return entry
-        entry = dict(entry)
-        old = {k: entry.pop(k, None) for k in ("alpha", "target")}
-        params = {k: v for k, v in old.items() if v is not None}
-        params.update(entry.get("params") or {})
-        if params:
-            entry["params"] = params
-        ablation = params.get("target") == "merged" or entry.get("x_source") not in (
-            None,
-            "quantized",
-        )
-        if row and ablation:
-            entry.setdefault("study", "x_source" if params.get("target") != "merged" else "target")
-        return entry
-
-    out = dict(data, schema_version=2)
-    if isinstance(data.get("rows"), list):
-        out["rows"] = [upgraded(r, row=True) for r in data["rows"]]
-    if isinstance(data.get("sweeps"), dict):
-        out["sweeps"] = {
-            name: [upgraded(p, row=False) for p in points] if isinstance(points, list) else points
-            for name, points in data["sweeps"].items()
-        }
-    return out
 
 
 def _describe(err: ValidationError, source: str) -> str:
