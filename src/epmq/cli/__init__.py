@@ -11,11 +11,12 @@ Sub-commands are thin shells over the Python API. User mistakes raise
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
 from epmq.cli.app import app
-from epmq.errors import EpmqError
+from epmq.errors import DISK_FULL, EpmqError
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name.endswith("_command"):
@@ -27,8 +28,14 @@ def main() -> None:
     try:
         app()
     except EpmqError as err:
-        print(f"epmq: error: {err}", file=sys.stderr)
+        print(f"epmq: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except OSError as err:  # a write that no EpmqError names (a save_pretrained, the journal)
+        if err.errno not in DISK_FULL:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"epmq: error: {os.strerror(err.errno)}{where}", file=sys.stderr)
+        raise SystemExit(EpmqError.exit_code) from None
 
 
 __all__ = ["app", "main"]

@@ -71,15 +71,21 @@ class Journal:
             os.fsync(handle.fileno())
 
     def _read(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise EpmqError(f"{self.path}: not UTF-8 text; pass --force to start over") from None
         entries = []
         for number, line in enumerate(lines, 1):
             try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
+                entry = json.loads(line)
+            except (ValueError, RecursionError):
                 if number == len(lines):  # the line being written when the run stopped
                     break
                 raise EpmqError(f"{self.path}: line {number} is not valid JSON") from None
+            if not isinstance(entry, dict):
+                raise EpmqError(f"{self.path}: line {number} is not a JSON object")
+            entries.append(entry)
         if not entries or entries[0].get("fingerprint") != self.fingerprint:
             raise EpmqError(
                 f"{self.path}: the stopped run had other settings than this one; "
@@ -93,7 +99,7 @@ class Journal:
                     self.exports.append(dict(entry["export"]))
                 else:
                     self.points[entry["key"]] = SweepPoint.model_validate(entry["point"])
-            except (KeyError, ValueError) as exc:
+            except (KeyError, ValueError, TypeError) as exc:
                 raise EpmqError(f"{self.path}: unreadable entry ({exc})") from None
         # Rewrite what was read (drops a cut-off last line) so later appends stay parseable.
         kept = [entries[0], *(e for e in entries[1:] if {"row", "point", "export"} & set(e))]

@@ -38,7 +38,7 @@ from epmq.heads.base import (
 from epmq.heads.encoder import linear_head
 from epmq.models.adapter import BlockAdapter
 from epmq.models.clip import classify, zero_shot_head
-from epmq.models.folder import read_config
+from epmq.models.folder import from_folder, read_config
 from epmq.suites.classifier import HEAD_FILE, quiet_transformers
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -88,7 +88,7 @@ class ClipTasks(FamilyTasks):
 
         read_config(folder)
         with quiet_transformers():
-            model = CLIPVisionModel.from_pretrained(str(folder), local_files_only=True)
+            model = from_folder(CLIPVisionModel, folder)
         return model.eval()
 
     @property
