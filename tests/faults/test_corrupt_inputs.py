@@ -10,11 +10,14 @@ sees (warnings included).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import epmq
 from epmq.cli import main
 from epmq.cli.quantize_command import resume_dir
 from experiment.family_folders import CLASSES, build_bert, write_data
@@ -421,3 +425,111 @@ def test_corrupt_resume_folder_is_one_line_and_exit_2(
     assert not (root / "out").exists() and not (root / "report").exists()
     if command == "quantize":
         assert (resume_dir(root / "out") / "meta.json").is_file()
+
+
+# -- a model of another vocabulary ---------------------------------------------------------------
+def shrink_vocabulary(folder: Path, rows: int = 20) -> None:
+    """Cut the word embeddings to ``rows`` (below the tokenizer's size) in the weights and the
+    config: a model of another vocabulary, whose forward on the tokenizer's ids would fail."""
+    state = load_file(folder / SAFE)
+    name = next(n for n in state if n.endswith("word_embeddings.weight"))
+    state[name] = state[name][:rows].clone()
+    save_file(state, str(folder / SAFE), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+
+
+@pytest.mark.parametrize("command", ["quantize", "run"])
+def test_model_of_another_vocabulary_is_one_line_and_exit_2(
+    command: str, pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    root = _inputs(pristine, tmp_path)
+    out = tmp_path / "out"
+    case = Case(command, BASE, shrink_vocabulary)
+    _prepare(case, root, out)
+    for folder in (BASE, E1, E2) if command == "run" else (BASE,):
+        shrink_vocabulary(root / folder)
+    before = _digest(root)
+    outcome = run_cli(_argv(case, root, out), monkeypatch, capsys)
+    assert_one_line(outcome, f"{root / BASE} has")
+    assert "vocabular" in outcome.stderr
+    assert _digest(root) == before
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny suite's cache (its experts trained once)."""
+    from epmq.suites import get_suite
+
+    cache = tmp_path_factory.mktemp("suite_cache")
+    get_suite("tiny", cache_dir=cache, quick=True).prepare(progress=False)
+    return cache
+
+
+@pytest.mark.parametrize("corrupt", [shrink_vocabulary, truncate], ids=lambda c: c.__name__)
+def test_eval_of_a_broken_model_is_one_line_and_exit_2(
+    corrupt: Callable[[Path], None],
+    tiny_suite: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    from epmq.suites import get_suite
+
+    model = tmp_path / "model"
+    shutil.copytree(get_suite("tiny", cache_dir=tiny_suite, quick=True).base_dir, model)
+    corrupt(model if corrupt is shrink_vocabulary else model / SAFE)
+    before = _digest(tmp_path) | _digest(tiny_suite)
+    argv = ["eval", "--suite", "tiny", "--quick", "--cache-dir", tiny_suite, "--model", model,
+            "--no-progress", "--json", tmp_path / "acc.json"]  # fmt: skip
+    outcome = run_cli(argv, monkeypatch, capsys)
+    assert_one_line(outcome, str(model))
+    assert _digest(tmp_path) | _digest(tiny_suite) == before
+    assert not (tmp_path / "acc.json").exists()
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+def _disk_full(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("command", ["merge", "quantize", "run"])
+def test_full_disk_is_one_line_and_exit_2(
+    command: str, pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Every write fails with ENOSPC (``os.fsync``: atomic files, the run's journal)."""
+    root = _inputs(pristine, tmp_path)
+    out = tmp_path / "out"
+    case = Case(command, BASE, garbage)
+    _prepare(case, root, out)
+    before = _digest(root)
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    outcome = run_cli(_argv(case, root, out), monkeypatch, capsys)
+    assert_one_line(outcome, "No space left on device")
+    if command != "run":  # the run's journal is opened before the first fsync fails
+        assert str(tmp_path) in outcome.stderr
+    assert _digest(root) == before
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+# -- what a user sees: a real process ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "case", [CASES[0], next(c for c in CASES if c.command == "merge-bin" and "00001" in c.target)],
+    ids=lambda c: c.id,
+)  # fmt: skip
+def test_subprocess_prints_one_line_and_no_traceback(
+    case: Case, pristine: Path, tmp_path: Path
+) -> None:
+    root = _inputs(pristine, tmp_path)
+    out = tmp_path / "out"
+    case.corrupt(root / case.target)
+    before = _digest(root)
+    src = str(Path(epmq.__file__).parents[1])  # the epmq under test, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "epmq", *map(str, _argv(case, root, out))]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert_one_line(Outcome(done.returncode, done.stderr), str(root / case.target))
+    assert _digest(root) == before
+    assert not out.exists()

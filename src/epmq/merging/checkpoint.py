@@ -156,7 +156,6 @@ class CheckpointReader:
             files = [BIN_SINGLE]
         else:
             raise EpmqError(f"{self.folder}: no {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE} found")
-        log.warning("%s: only pickled %s weights; loading them whole", self.folder, BIN_SINGLE)
         self._loaded = {}
         for file in files:
             path = self.folder / file
@@ -172,6 +171,8 @@ class CheckpointReader:
                     raise EpmqError(f"{path}: entry {name!r} is not a tensor")
                 self._add(name, TensorMeta.of(tensor), file)
                 self._loaded[name] = tensor
+        # after the load: a file that cannot be read is then the one line a user sees
+        log.warning("%s: only pickled %s weights; loaded them whole", self.folder, BIN_SINGLE)
 
     @property
     def is_safetensors(self) -> bool:
