@@ -37,7 +37,7 @@ class BlockCheckpoint:
                 saved = json.loads(meta.read_text(encoding="utf-8"))
             except (ValueError, RecursionError) as exc:
                 raise EpmqError(
-                    f"{meta}: not valid JSON ({exc}); pass --force to start over"
+                    f"{meta}: not valid JSON ({exc}); remove {self.folder} to start over"
                 ) from None
             if saved != settings:
                 changed = sorted(
@@ -95,7 +95,9 @@ class BlockCheckpoint:
             return self._load(path)
         except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
             why = f"no {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
-            raise EpmqError(f"{path}: damaged checkpoint block ({why}); pass --force") from None
+            raise EpmqError(
+                f"{path}: damaged checkpoint block ({why}); remove {self.folder} to start over"
+            ) from None
 
     @staticmethod
     def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, QuantResult], list[LayerRecord]]:

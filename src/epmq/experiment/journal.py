@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from epmq.errors import EpmqError
+from epmq.errors import DISK_FULL, EpmqError
 from epmq.eval.results import Row, SweepPoint
 
 JOURNAL_FILE = "journal.jsonl"
@@ -65,10 +65,15 @@ class Journal:
         self._append({"export": record})
 
     def _append(self, entry: dict[str, Any], mode: str = "a") -> None:
-        with open(self.path, mode, encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, mode, encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise EpmqError(f"cannot write {self.path}: {os.strerror(exc.errno)}") from None
 
     def _read(self) -> None:
         try:
