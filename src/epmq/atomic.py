@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from epmq.errors import EpmqError
+from epmq.errors import DISK_FULL, EpmqError
 
 # The process's umask, read once at import (reading it means setting it): files written through
 # a temporary file get the mode open() would give them, not mkstemp's private 0600.
@@ -94,9 +94,11 @@ def write_bytes(path: str | Path, data: bytes, *, force: bool = True) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise EpmqError(f"cannot write {path}: {os.strerror(exc.errno)}") from None
         raise
     return path
 

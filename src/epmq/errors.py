@@ -8,6 +8,11 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
+#: ``OSError.errno`` of a full disk or an exhausted quota: the user's to fix, not a bug
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 class EpmqError(Exception):
     """A user-facing error: the message names what is wrong and where."""

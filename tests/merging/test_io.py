@@ -53,7 +53,7 @@ def test_reader_headers_and_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(EpmqError, match="cannot read safetensors header"):
+    with pytest.raises(EpmqError, match="not a readable safetensors file"):
         CheckpointReader(bad)
 
 

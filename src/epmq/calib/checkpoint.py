@@ -51,8 +51,10 @@ class BlockCheckpoint:
         if meta.is_file():
             try:
                 saved = json.loads(meta.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise EpmqError(f"checkpoint {meta} is unreadable ({exc})") from None
+            except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, deep nesting
+                raise EpmqError(
+                    f"{meta}: not valid JSON ({exc}); remove {self.folder} to start over"
+                ) from None
             if saved != fingerprint:
                 raise EpmqError(
                     f"checkpoint {self.folder} was written by a run with other settings or "
@@ -101,11 +103,21 @@ class BlockCheckpoint:
     def load(
         self, stage: str, block: int
     ) -> tuple[dict[str, Tensor], dict[str, QuantResult], list[LayerRecord]]:
-        """Weights, results and records of a finished block."""
-        from safetensors import safe_open
-
+        """Weights, results and records of a finished block (a damaged file: one line)."""
         path = self._path(stage, block)
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            return self._load(path)
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+            why = f"no {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+            raise EpmqError(
+                f"{path}: damaged checkpoint block ({why}); remove {self.folder} to start over"
+            ) from None
+
+    @staticmethod
+    def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, QuantResult], list[LayerRecord]]:
+        from epmq.merging.checkpoint import open_safetensors
+
+        with open_safetensors(path) as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         weights = {k[: -len("::weight")]: v for k, v in tensors.items() if k.endswith("::weight")}

@@ -14,7 +14,6 @@ tests and small models).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -142,47 +141,33 @@ class SafetensorsExpert(ExpertWeights):
     def _index(self, folder: Path) -> dict[str, Path]:
         if not folder.is_dir():
             raise EpmqError(f"expert {self.name!r}: {folder} is not a folder")
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise EpmqError(f"expert {self.name!r}: {index} has no weight_map") from exc
-            return {key: folder / file for key, file in weight_map.items()}
-        from safetensors import safe_open
+        from epmq.merging.checkpoint import CheckpointReader
 
-        from epmq.merging.checkpoint import CheckpointReader, safetensors_files
-
-        try:
-            names = safetensors_files(folder)
-            if names is None:  # pickled .bin weights (a head.safetensors beside is no model)
-                self._bin = CheckpointReader(folder)
-                return {key: folder / self._bin.file_of[key] for key in self._bin.meta}
+        try:  # the index and every header checked (or the .bin weights loaded) once, up front
+            reader = CheckpointReader(folder)
         except EpmqError as exc:
             raise EpmqError(f"expert {self.name!r}: {exc}") from None
-        mapping: dict[str, Path] = {}
-        for file in (folder / name for name in names):
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    mapping[key] = file
-        return mapping
+        if not reader.is_safetensors:  # pickled .bin weights (a head.safetensors is no model)
+            self._bin = reader
+        return {key: folder / file for key, file in reader.file_of.items()}
 
     def keys(self) -> Iterable[str]:
         return self._key_to_file.keys()
 
     def _read(self, key: str) -> Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if self._bin is not None:
             return self._bin.get(key)
         file = self._key_to_file[key]
         handle = self._handles.get(file)
-        if handle is None:
-            if not file.is_file():
-                raise EpmqError(f"expert {self.name!r}: shard {file} is missing")
-            handle = safe_open(str(file), framework="pt")
-            self._handles[file] = handle
-        return handle.get_tensor(key)
+        try:
+            if handle is None:
+                handle = safe_open(str(file), framework="pt")
+                self._handles[file] = handle
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:  # changed on disk since its header was read
+            raise EpmqError(f"expert {self.name!r}: {file}: cannot read {key!r} ({exc})") from None
 
     def close(self) -> None:
         """Drop the open file handles (they are reopened on demand)."""

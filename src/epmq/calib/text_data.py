@@ -73,6 +73,8 @@ def _jsonl(path: Path, text: str, field: str) -> list[str]:
             row = json.loads(line)
         except ValueError as exc:
             raise EpmqError(f"{path}:{number}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise EpmqError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict) or field not in row:
             raise EpmqError(f"{path}:{number}: no field {field!r}")
         if not isinstance(row[field], str):

@@ -15,6 +15,7 @@ number (130, 143). A second signal while the first unwinds ends the process at o
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import signal
 import sys
@@ -22,7 +23,7 @@ import threading
 from types import FrameType
 
 from epmq.cli.app import app
-from epmq.errors import EpmqError, Stopped
+from epmq.errors import DISK_FULL, EpmqError, Stopped
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name.endswith("_command"):
@@ -48,11 +49,17 @@ def main() -> None:
     try:
         app()
     except EpmqError as err:
-        print(f"epmq: error: {err}", file=sys.stderr)
+        print(f"epmq: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except Stopped as stop:
         print(f"epmq: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except OSError as err:  # a write that no EpmqError names (a save_pretrained, the journal)
+        if err.errno not in DISK_FULL:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"epmq: error: {os.strerror(err.errno)}{where}", file=sys.stderr)
+        raise SystemExit(EpmqError.exit_code) from None
     finally:  # main() called from Python (tests) leaves the caller's handlers as they were
         for stop_signal, handler in previous.items():
             signal.signal(stop_signal, handler)

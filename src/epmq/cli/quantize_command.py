@@ -332,14 +332,17 @@ def run_quantize(
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
     from epmq.export import export_checkpoint
     from epmq.models.adapter import check_group_sizes
+    from epmq.models.folder import check_vocabulary
 
     assert options.grid is not None
     model, adapter, family = _load(model_dir)
     if engine.model_dtype is not None:
         model = model.to(engine.model_dtype)
     n_linears = check_group_sizes(model, adapter, [options.grid.group_size], "--group-size")
+    tokenizer = load_tokenizer(data.tokenizer)
+    check_vocabulary(model, tokenizer, model_dir, data.tokenizer)
     batches, calib_info = load_calibration(
-        load_tokenizer(data.tokenizer), data.files, size=data.size, max_length=data.max_length,
+        tokenizer, data.files, size=data.size, max_length=data.max_length,
         batch_size=data.batch_size, seed=data.seed, field=data.text_field,
         input_names=model_input_names(model),
     )  # fmt: skip

@@ -100,7 +100,7 @@ class ImagePreprocessing:
             return None
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RecursionError) as exc:
             raise EpmqError(f"{path}: not a readable JSON file ({exc})") from None
         if not isinstance(config, dict):
             raise EpmqError(f"{path}: expected a JSON object")

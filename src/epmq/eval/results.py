@@ -199,6 +199,8 @@ class Results(_Strict):
             raise EpmqError(
                 f"{source}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
             ) from None
+        except RecursionError:
+            raise EpmqError(f"{source}: not valid JSON (nested too deeply)") from None
         try:
             return cls.model_validate(data)
         except ValidationError as err:

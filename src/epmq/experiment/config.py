@@ -339,11 +339,15 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise EpmqError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise EpmqError(f"{path}: not valid YAML{where}") from None
+    except UnicodeDecodeError as err:
+        raise EpmqError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise EpmqError(f"{path}: not valid YAML (nested too deeply)") from None
     config = parse_config(data, source=str(path))
     config._source = path
     return _resolve_paths(config, path.resolve().parent)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from epmq.errors import EpmqError
+from epmq.errors import DISK_FULL, EpmqError
 from epmq.eval.results import Row, SweepPoint
 from epmq.identity import describe_changes
 
@@ -67,21 +67,32 @@ class Journal:
         self._append({"export": record})
 
     def _append(self, entry: dict[str, Any], mode: str = "a") -> None:
-        with open(self.path, mode, encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, mode, encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise EpmqError(f"cannot write {self.path}: {os.strerror(exc.errno)}") from None
 
     def _read(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise EpmqError(f"{self.path}: not UTF-8 text; pass --force to start over") from None
         entries = []
         for number, line in enumerate(lines, 1):
             try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
+                entry = json.loads(line)
+            except (ValueError, RecursionError):
                 if number == len(lines):  # the line being written when the run stopped
                     break
                 raise EpmqError(f"{self.path}: line {number} is not valid JSON") from None
+            if not isinstance(entry, dict):
+                raise EpmqError(f"{self.path}: line {number} is not a JSON object")
+            entries.append(entry)
         saved = entries[0].get("fingerprint") if entries else None
         if saved != self.fingerprint:
             raise EpmqError(
@@ -96,7 +107,7 @@ class Journal:
                     self.exports.append(dict(entry["export"]))
                 else:
                     self.points[entry["key"]] = SweepPoint.model_validate(entry["point"])
-            except (KeyError, ValueError) as exc:
+            except (KeyError, ValueError, TypeError) as exc:
                 raise EpmqError(f"{self.path}: unreadable entry ({exc})") from None
         # Rewrite what was read (drops a cut-off last line) so later appends stay parseable.
         kept = [entries[0], *(e for e in entries[1:] if {"row", "point", "export"} & set(e))]

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from epmq.data import Examples, TaskData
 from epmq.errors import EpmqError
 from epmq.models.adapter import BlockAdapter
+from epmq.models.folder import check_vocabulary
 
 Batch = dict[str, Any]
 
@@ -85,8 +86,10 @@ class FamilyTasks:
 
     def load_model(self, folder: Path) -> nn.Module:
         """The model (or tower) in ``folder`` that is merged, quantized and evaluated
-        (default: the family's loader)."""
-        return self.adapter.load(folder)
+        (default: the family's loader); a tokenizer beside the base must fit its vocabulary."""
+        model = self.adapter.load(folder)
+        check_vocabulary(model, getattr(self, "tokenizer", None), folder, self.base_dir)
+        return model
 
     # -- to implement ---------------------------------------------------------------------
 

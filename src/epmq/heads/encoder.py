@@ -22,7 +22,7 @@ from epmq.devices import module_device
 from epmq.errors import EpmqError
 from epmq.heads.base import Batch, ExpertFields, FamilyTasks, HeadOptions, TaskFields, require_text
 from epmq.models.adapter import BlockAdapter
-from epmq.models.folder import read_config
+from epmq.models.folder import check_vocabulary, read_config
 from epmq.suites.batching import encode, length_sorted_batches
 from epmq.suites.classifier import HEAD_FILE, load_head, mean_pool
 
@@ -57,7 +57,9 @@ class EncoderTasks(FamilyTasks):
 
     def load_model(self, folder: Path) -> nn.Module:
         """The encoder without its pooler (the heads read the pooled hidden states)."""
-        return self.adapter.load(folder, add_pooling_layer=False)
+        model = self.adapter.load(folder, add_pooling_layer=False)
+        check_vocabulary(model, self.tokenizer, folder, self.base_dir)
+        return model
 
     def head(self, task: TaskFields, data: TaskData, expert: ExpertFields) -> nn.Linear:
         require_text(task, data, "BERT-style")

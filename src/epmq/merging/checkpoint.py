@@ -11,12 +11,16 @@ Pickled ``.bin`` checkpoints cannot be read lazily: they are loaded whole (with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from epmq.errors import EpmqError
 from epmq.merging.validation import TensorMeta
@@ -41,6 +45,39 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+#: float8 checkpoints store scales beside their weights (or need them): not read as plain floats
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``; a file that is not safetensors (truncated, garbage, a header with
+    bad JSON or offsets past its end), here or while reading it, is an :class:`EpmqError`
+    naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise EpmqError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+def shard_files(index: Path) -> list[str]:
+    """The shard files an index (``model.safetensors.index.json`` or
+    ``pytorch_model.bin.index.json``) maps tensors to, in order; each must exist beside it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, RecursionError) as err:
+        raise EpmqError(f"{index}: not valid JSON ({err})") from None
+    except (KeyError, TypeError):
+        raise EpmqError(f"{index}: no 'weight_map' object") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise EpmqError(f"{index}: 'weight_map' is not an object of tensor name to file name")
+    files = list(dict.fromkeys(weight_map.values()))
+    for file in files:
+        if not (index.parent / file).is_file():
+            raise EpmqError(f"{index}: shard {file} is missing")
+    return files
 
 
 def safetensors_files(folder: Path) -> list[str] | None:
@@ -49,15 +86,7 @@ def safetensors_files(folder: Path) -> list[str] | None:
     has no ``.bin`` weights (beside them it is e.g. a task head, not the model)."""
     index = folder / SAFE_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise EpmqError(f"{index}: not a safetensors index ({err})") from None
-        files = list(dict.fromkeys(weight_map.values()))
-        for file in files:
-            if not (folder / file).is_file():
-                raise EpmqError(f"{index}: shard {file} is missing")
-        return files
+        return shard_files(index)
     if (folder / SAFE_SINGLE).is_file():
         return [SAFE_SINGLE]
     if (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
@@ -70,6 +99,15 @@ def safetensors_files(folder: Path) -> list[str] | None:
             f"{folder}: several .safetensors files ({', '.join(found)}) and no {SAFE_INDEX}"
         )
     return None
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise :class:`EpmqError` naming the file when a safetensors weight file (or index) of
+    ``folder`` cannot be read; the data is not read. Pickled ``.bin`` weights are not checked
+    (that means loading them)."""
+    for file in safetensors_files(folder) or ():
+        with open_safetensors(folder / file):
+            pass
 
 
 class CheckpointReader:
@@ -91,41 +129,50 @@ class CheckpointReader:
 
     def _read_header(self, file: str) -> None:
         path = self.folder / file
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                    piece = handle.get_slice(name)
-                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
-                    if dtype is None:
-                        raise EpmqError(f"{path}: tensor {name!r} has unsupported dtype")
-                    if name in self.file_of:
-                        raise EpmqError(f"{path}: tensor {name!r} also in {self.file_of[name]}")
-                    self.meta[name] = TensorMeta(tuple(piece.get_shape()), dtype)
-                    self.file_of[name] = file
-        except EpmqError:
-            raise
-        except Exception as err:
-            raise EpmqError(f"{path}: cannot read safetensors header ({err})") from None
+        with open_safetensors(path) as handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                piece = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise EpmqError(f"{path}: tensor {name!r} has unsupported dtype")
+                if name in self.file_of:
+                    raise EpmqError(f"{path}: tensor {name!r} also in {self.file_of[name]}")
+                self._add(name, TensorMeta(tuple(piece.get_shape()), dtype), file)
+
+    def _add(self, name: str, meta: TensorMeta, file: str) -> None:
+        if meta.dtype in FLOAT8:
+            raise EpmqError(
+                f"{self.folder / file}: tensor {name!r} is {meta.dtype}; epmq reads float32, "
+                "float16 and bfloat16 weights (dequantize a float8 checkpoint first)"
+            )
+        self.meta[name] = meta
+        self.file_of[name] = file
 
     def _load_bin(self) -> None:
         index = self.folder / BIN_INDEX
         if index.is_file():
-            files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+            files = shard_files(index)
         elif (self.folder / BIN_SINGLE).is_file():
             files = [BIN_SINGLE]
         else:
             raise EpmqError(f"{self.folder}: no {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE} found")
-        log.warning("%s: only pickled %s weights; loading them whole", self.folder, BIN_SINGLE)
         self._loaded = {}
         for file in files:
+            path = self.folder / file
             try:
-                state = torch.load(self.folder / file, map_location="cpu", weights_only=True)
-            except Exception as err:
-                raise EpmqError(f"{self.folder / file}: cannot load ({err})") from None
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+                why = _why(err)
+                raise EpmqError(f"{path}: not a readable PyTorch weights file ({why})") from None
+            if not isinstance(state, dict):
+                raise EpmqError(f"{path}: holds a {type(state).__name__}, not a state dict")
             for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise EpmqError(f"{path}: entry {name!r} is not a tensor")
+                self._add(name, TensorMeta.of(tensor), file)
                 self._loaded[name] = tensor
-                self.meta[name] = TensorMeta.of(tensor)
-                self.file_of[name] = file
+        # after the load: a file that cannot be read is then the one line a user sees
+        log.warning("%s: only pickled %s weights; loaded them whole", self.folder, BIN_SINGLE)
 
     @property
     def is_safetensors(self) -> bool:
@@ -137,7 +184,7 @@ class CheckpointReader:
             return self._loaded[name]
         if name not in self.file_of:
             raise EpmqError(f"{self.folder}: no tensor {name!r}")
-        with safe_open(str(self.folder / self.file_of[name]), framework="pt") as handle:
+        with open_safetensors(self.folder / self.file_of[name]) as handle:
             return handle.get_tensor(name)
 
     def shards(self) -> dict[str, list[str]]:
@@ -148,3 +195,12 @@ class CheckpointReader:
         for name, file in self.file_of.items():
             layout.setdefault(file, []).append(name)
         return layout
+
+
+def _why(err: BaseException) -> str:
+    """The gist of a ``torch.load`` error on one line (torch's weights-only message wraps the
+    unpickler's reason in advice to unpickle untrusted files, which epmq never does)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split()) or type(err).__name__

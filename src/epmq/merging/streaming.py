@@ -85,6 +85,10 @@ def merge_checkpoints(
         inputs.append(("grams file", grams_file))
     refuse_overlap(out, inputs)
     refuse_existing(out, force)
+    if (base_path / "config.json").is_file():  # copied into the output: it must be readable
+        from epmq.models.folder import read_config
+
+        read_config(base_path)
     base = CheckpointReader(base_path)
     experts = [CheckpointReader(folder) for folder in expert_dirs]
     plan = make_plan(

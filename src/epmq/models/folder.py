@@ -43,8 +43,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise EpmqError(f"{folder} is not a Hugging Face model folder (no config.json)")
     try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise EpmqError(f"{config_file} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise EpmqError(f"{config_file} does not hold a JSON object")
@@ -122,7 +122,10 @@ def from_folder(
     """``model_class.from_pretrained(folder)`` from local files only, with the folder's
     :func:`quantization_kwargs` (``kwargs`` override them), quietly, and its loading report
     checked by :func:`check_loading_info` (``optional``, ``unused``: see there)."""
+    from epmq.merging.checkpoint import check_weight_files
+
     kwargs = {"ignore_mismatched_sizes": True, **quantization_kwargs(folder), **kwargs}
+    check_weight_files(Path(folder))  # a corrupt file is one line naming it, not a traceback
     with warnings.catch_warnings(), quiet_transformers():
         warnings.filterwarnings("ignore", message=_PASSED_CONFIG_WARNING, category=UserWarning)
         model, info = model_class.from_pretrained(
@@ -215,3 +218,18 @@ def _drop_if_absent(model: nn.Module, name: str, missing: set[str]) -> set[str]:
         return set()
     setattr(model, name, None)
     return own
+
+
+def check_vocabulary(
+    model: Any, tokenizer: Any, model_dir: str | Path, tokenizer_dir: str | Path
+) -> None:
+    """Refuse a tokenizer with more tokens than the model embeds (another model's vocabulary:
+    its ids would index past the embedding table); models without a token embedding pass."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) and tokenizer is not None else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise EpmqError(
+            f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model in "
+            f"{model_dir} embeds only {rows}: they come from different vocabularies"
+        )

@@ -93,12 +93,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def load_head(expert_dir: str | Path, name: str = "head") -> nn.Linear:
     """The linear head in ``<expert_dir>/<name>.safetensors`` (tensors weight, bias)."""
-    from safetensors.torch import load_file
+    from epmq.merging.checkpoint import open_safetensors
 
     file = Path(expert_dir) / f"{name}.safetensors"
     if not file.is_file():
         raise EpmqError(f"{file}: head file not found (expected tensors 'weight' and 'bias')")
-    tensors = load_file(str(file))
+    with open_safetensors(file) as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     missing = {"weight", "bias"} - set(tensors)
     if missing:
         raise EpmqError(f"{file}: missing tensor(s) {sorted(missing)}")
@@ -145,5 +146,5 @@ def read_expert_info(expert_dir: str | Path) -> dict[str, Any]:
         return {}
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise EpmqError(f"{file}: not valid JSON ({exc})") from None

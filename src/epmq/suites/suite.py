@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from epmq.atomic import output_dir, save_tensors, write_json
 from epmq.errors import EpmqError
+from epmq.models.folder import check_vocabulary
 from epmq.suites import classifier
 from epmq.suites.batching import encode, length_sorted_batches
 from epmq.suites.task import Task
@@ -171,7 +172,10 @@ class Suite:
 
     def load_encoder(self, path: str | Path | None = None) -> Any:
         """A ``BertModel`` from ``path`` (an expert folder; default: the pretrained base)."""
-        return classifier.load_encoder(self.base_dir if path is None else path)
+        folder = self.base_dir if path is None else path
+        encoder = classifier.load_encoder(folder)
+        check_vocabulary(encoder, self.tokenizer, folder, self.base_dir)
+        return encoder
 
     def load_head(self, expert_dir: str | Path) -> nn.Linear:
         return classifier.load_head(expert_dir)

@@ -38,6 +38,8 @@ def _read_split(request: Request, path: Path) -> RawSplit:
             row = json.loads(line)
         except ValueError as exc:
             raise request.fail(f"not valid JSON ({exc})", where) from None
+        except RecursionError:
+            raise request.fail("not valid JSON (nested too deeply)", where) from None
         if not isinstance(row, dict):
             raise request.fail(f"not a JSON object (got {type(row).__name__})", where)
         for column in (request.text_column, request.label_column):
