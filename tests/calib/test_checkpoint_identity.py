@@ -26,7 +26,7 @@ def test_another_identity_or_setting_is_refused_naming_it(tmp_path: Path) -> Non
 
 def test_unreadable_meta_is_one_error(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_bytes(b"\xff{")
-    with pytest.raises(EpmqError, match=r"meta\.json is unreadable"):
+    with pytest.raises(EpmqError, match=r"meta\.json: not valid JSON"):
         BlockCheckpoint(tmp_path, SETTINGS)
 
 
