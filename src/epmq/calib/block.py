@@ -19,6 +19,7 @@ from epmq.calib.capture import BlockCall
 from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.fold import fold_input_scale, search_input_scales
+from epmq.calib.norms import BlockNorms, norm_slots, norm_tensors
 from epmq.calib.propagate import Streams, propagate, propagate_calls, served
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
@@ -110,8 +111,12 @@ class BlockJob:
             stats = None if cache is None else cache.load(self.stage.name, self.index, self.block)
             self._solve([n for g in groups for n in g], stats, states, outcome)
             return outcome, None, None
+        norms = self._norms()
+        sites = self.adapter.norms(self.block) if norms is not None else []
         if self.x_source == "merged":
             names = [n for g in groups for n in g]
+            if norms is not None:  # before the one pass: the merged stream sees them
+                norms.fit([n for n, _ in sites], calls, None, None, outcome.weights)
             stats, merged_next = self._calibrate(
                 names, calls, None, None, propagate=True, states=states
             )
@@ -125,13 +130,18 @@ class BlockJob:
             sequential = self.true_sequential and self.options.solver.uses_inputs
             plan = groups if sequential else [[n for g in groups for n in g]]
             reuse = FinalOutputs(self.block) if sequential else None  # exact: calib/reuse.py
-            for group in plan:
+            slots = norm_slots(sites, plan)  # norms fitted before group k (calib/norms.py)
+            for k, group in enumerate(plan):
+                if norms is not None:
+                    norms.fit(slots[k], calls, twins, expert_calls, outcome.weights, reuse)
                 stats, _ = self._calibrate(
                     group, calls, twins, expert_calls, propagate=False, states=states, reuse=reuse
                 )
                 self._solve(group, stats, states, outcome, reuse)
                 if reuse is not None:
                     reuse.mark_solved(group)
+            if norms is not None:
+                norms.fit(slots[-1], calls, twins, expert_calls, outcome.weights, reuse)
             next_calls = propagate(
                 self.adapter, self.stage, self.index, self.block, calls, reuse=reuse
             )
@@ -154,6 +164,8 @@ class BlockJob:
         if self.x_source == "expert":
             twins = self.expert_blocks(self.expert_states(linear_only=False))
         if self.x_source == "merged":
+            sites = self.adapter.norms(self.block)  # fitted before the merged stream ran
+            self.load(norm_tensors(weights, self.prefix, sites))
             next_calls = propagate(self.adapter, self.stage, self.index, self.block, calls)
             self.load(weights)
         else:
@@ -170,6 +182,16 @@ class BlockJob:
             else:
                 param = self.block.get_submodule(name).weight
             param.data.copy_(weight.to(param.dtype))
+
+    def _norms(self) -> BlockNorms | None:
+        """The block's norm fitter when the solver refits norms (calib/norms.py)."""
+        if not self.options.solver.fits_norms(self.options.params):
+            return None
+        assert self.experts is not None  # the engine requires them
+        return BlockNorms(
+            self.block, self.prefix, self.tasks, self.experts, self.options.task_weights,
+            distributed=self.reducer is not None,
+        )  # fmt: skip
 
     def _advance_experts(
         self, twins: list[nn.Module] | None, expert_calls: Streams | None

@@ -168,7 +168,9 @@ def quantize_model(
     solver.check_x_source(x_source)
     if stats_cache is not None and x_source != "merged":
         raise EpmqError("a statistics cache holds merged-stream statistics: use x_source='merged'")
-    required = solver.reads_experts or x_source == "expert"
+    if solver.fits_norms(options.params):  # refitted norms change the merged stream
+        stats_cache = None
+    required = solver.reads_experts or x_source == "expert" or solver.fits_norms(options.params)
     expert_list = None if calib is None else _experts(experts, tasks, required=required)
     check_finite_model(model)
     stages = adapter.stages(model)

@@ -241,8 +241,10 @@ def quantize_command(
     inputs += [(f"--expert {task} folder", folder) for task, folder in expert_dirs.items()]
     refuse_overlap(out, inputs)
     refuse_existing(out, force)
-    needs = options.solver.reads_experts or x_source == "expert"
+    norms = options.solver.fits_norms(options.params)
+    needs = options.solver.reads_experts or x_source == "expert" or norms
     why = f"method {method}" if options.solver.reads_experts else "--x-source expert"
+    why = "--param norm_correction=true" if norms and not options.solver.reads_experts else why
     _check_tasks(calib_files, expert_dirs, needs, why)
     grouped_act_order = options.params.get("act_order") and group_size > 0
     if grouped_act_order and fmt == "compressed-tensors" and not options.params["static_groups"]:

@@ -124,6 +124,10 @@ class BlockAdapter:
     #: listed. Solvers that rescale inputs (AWQ) fold ``1 / s`` there; unlisted linears keep
     #: ``s = 1``.
     input_producers: ClassVar[Mapping[str, str]] = {}
+    #: The block's LayerNorms / RMSNorms in forward order, each with the linear producing
+    #: its input (None: the block's input). Norm correction (``epmq.calib.norms``) refits
+    #: their affine after that linear's group is solved and before the linears reading it.
+    norm_sites: ClassVar[tuple[tuple[str, str | None], ...]] = ()
 
     def linear_groups(self, block: nn.Module) -> list[list[str]]:
         """Names (relative to ``block``) of the linears to solve, in true-sequential groups.
@@ -134,6 +138,18 @@ class BlockAdapter:
         out, then up, then down) via :func:`grouped_linears`.
         """
         return grouped_linears(block, self.sequential_groups)
+
+    def norms(self, block: nn.Module) -> list[tuple[str, str | None]]:
+        """The block's norms whose affine can be refitted, as ``(norm, producing linear)``
+        (names relative to ``block``, forward order): :attr:`norm_sites` that ``block`` holds
+        with a per-channel ``weight``."""
+        modules = dict(block.named_modules())
+        sites = []
+        for norm, producer in self.norm_sites:
+            weight = getattr(modules.get(norm), "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+                sites.append((norm, producer if producer in modules else None))
+        return sites
 
     def find_stage(self, model: nn.Module, name: str, paths: Sequence[str]) -> Stage:
         """The stage at the first of ``paths`` that is an ``nn.ModuleList`` in ``model``."""

@@ -51,6 +51,12 @@ class BertAdapter(BlockAdapter):
         "attention.output.dense": "attention.self.value",
         "crossattention.output.dense": "crossattention.self.value",
     }
+    # post-norm: each sub-layer ends in its norm; output.LayerNorm feeds the next block
+    norm_sites = (
+        ("attention.output.LayerNorm", "attention.output.dense"),
+        ("crossattention.output.LayerNorm", "crossattention.output.dense"),
+        ("output.LayerNorm", "output.dense"),
+    )
 
     @staticmethod
     def load(path: str | Path, **kwargs: Any) -> nn.Module:

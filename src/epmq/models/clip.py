@@ -61,6 +61,7 @@ class ClipVisionAdapter(BlockAdapter):
         "self_attn.out_proj": "self_attn.v_proj",
         "mlp.fc1": "layer_norm2",
     }
+    norm_sites = (("layer_norm1", None), ("layer_norm2", "self_attn.out_proj"))
 
     def stages(self, model: nn.Module) -> list[Stage]:
         return [self.find_stage(model, "vision", ("encoder.layers", "vision_model.encoder.layers"))]

@@ -54,6 +54,7 @@ class LlamaAdapter(BlockAdapter):
         "mlp.up_proj": "post_attention_layernorm",
         "mlp.down_proj": "mlp.up_proj",  # act(gate) * up is linear in up's channels
     }
+    norm_sites = (("input_layernorm", None), ("post_attention_layernorm", "self_attn.o_proj"))
 
     def stages(self, model: nn.Module) -> list[Stage]:
         layer_types = getattr(getattr(model, "config", None), "layer_types", None)

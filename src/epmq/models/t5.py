@@ -72,6 +72,12 @@ class T5Adapter(BlockAdapter):
     family = "t5"
     model_types = ("t5",)
     tasks = "epmq.heads.text_to_text:T5Tasks"
+    # pre-norm sub-layers; layer.1 is the encoder's feed-forward, the decoder's cross-attention
+    norm_sites = (
+        ("layer.0.layer_norm", None),
+        ("layer.1.layer_norm", f"{_SELF}.o"),
+        ("layer.2.layer_norm", f"{_CROSS}.o"),
+    )
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = []

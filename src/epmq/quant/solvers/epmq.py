@@ -19,6 +19,7 @@ from epmq.quant.gptq import gptq
 from epmq.quant.grid import QuantGrid
 from epmq.quant.loss import proxy_loss
 from epmq.quant.solvers.gptq import GPTQ_PARAMS, gptq_settings
+from epmq.quant.solvers.norm_correction import NORM_CORRECTION, fits_norms
 from epmq.quant.solvers.registry import LayerProblem, LayerSolution, register_solver, solution_of
 from epmq.quant.target import target_from_sums
 
@@ -33,6 +34,7 @@ PARAMS = (
         slug=lambda v: "merged-targets" if v == "merged" else None,
     ),
     *GPTQ_PARAMS,
+    NORM_CORRECTION,
 )  # fmt: skip
 
 
@@ -49,6 +51,7 @@ PARAMS = (
     x_sources=("expert", "quantized", "merged"),
     expert_targets=lambda params: params["target"] == "expert",
     baseline="gptq",
+    fits_norms=fits_norms,
 )
 def epmq_solver(
     problem: LayerProblem, grid: QuantGrid | None, params: Mapping[str, Any]

@@ -13,6 +13,7 @@ from typing import Any
 from epmq.params import Param
 from epmq.quant.gptq import gptq
 from epmq.quant.grid import QuantGrid
+from epmq.quant.solvers.norm_correction import NORM_CORRECTION, fits_norms
 from epmq.quant.solvers.registry import LayerProblem, LayerSolution, register_solver, solution_of
 
 GPTQ_PARAMS = (
@@ -28,7 +29,12 @@ def gptq_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     return {p.name: params[p.name] for p in GPTQ_PARAMS}
 
 
-@register_solver("gptq", params=GPTQ_PARAMS, summary="GPTQ of the merged weights")
+@register_solver(
+    "gptq",
+    params=(*GPTQ_PARAMS, NORM_CORRECTION),
+    summary="GPTQ of the merged weights",
+    fits_norms=fits_norms,
+)
 def gptq_solver(
     problem: LayerProblem, grid: QuantGrid | None, params: Mapping[str, Any]
 ) -> LayerSolution:

@@ -32,6 +32,9 @@ only these declarations (it never compares names):
   solved with ``problem.input_scale = s`` and must return a weight for the inputs ``x / s``
   (``≈ W · diag(s)``, on its grid); the engine divides the producer's output channels by ``s``,
   so the model computes ``Q · (x / s)`` and exports like any other solver (AWQ);
+- ``fits_norms``: whether, with these parameters, the engine refits every norm's affine toward
+  the experts' norm outputs before the linears reading it (``epmq.calib.norms``; the run then
+  needs the experts);
 - ``baseline``: the solver this one improves on with the same grid and Hessian (E-PMQ: GPTQ);
   reports split the gain over it into a better target and less rounding loss.
 """
@@ -87,12 +90,17 @@ class LayerSolution:
 
 
 SolveFn = Callable[[LayerProblem, QuantGrid | None, Mapping[str, Any]], LayerSolution]
-ExpertTargets = Callable[[Mapping[str, Any]], bool]
+ParamsTest = Callable[[Mapping[str, Any]], bool]  # a declaration that depends on the params
+ExpertTargets = ParamsTest
 ScaleSearch = Callable[[Sequence[LayerProblem], QuantGrid | None, Mapping[str, Any]], Tensor | None]
 
 
 def _always(params: Mapping[str, Any]) -> bool:
     return True
+
+
+def _never(params: Mapping[str, Any]) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class Solver(Declared):
     expert_targets: ExpertTargets = _always
     input_scales: ScaleSearch | None = None
     baseline: str | None = None
+    fits_norms: ParamsTest = _never
 
     @property
     def studied(self) -> bool:
@@ -177,6 +186,7 @@ def register_solver(
     expert_targets: ExpertTargets = _always,
     input_scales: ScaleSearch | None = None,
     baseline: str | None = None,
+    fits_norms: ParamsTest = _never,
 ) -> Callable[[SolveFn], SolveFn]:
     """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
 
@@ -198,6 +208,7 @@ def register_solver(
             expert_targets=expert_targets,
             input_scales=input_scales,
             baseline=baseline,
+            fits_norms=fits_norms,
         )
         return fn
 
