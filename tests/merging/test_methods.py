@@ -64,8 +64,11 @@ def test_ties_sign_election_zero_totals_and_exact_ties() -> None:
 def test_ties_scale_and_defaults() -> None:
     base = _one([1.0, 1.0])
     experts = [_one([3.0, 0.0]), _one([2.0, 0.0])]
-    # density 1: tau [2,-1], [1,-1]; mean [1.5, -1]; default scale 0.3
+    # density 1: tau [2,-1], [1,-1]; default disjoint sum [3, -2] (FusionBench's), scale 0.3
     out = merge(base, experts, "ties", density=1.0)["w"]
+    assert torch.allclose(out, torch.tensor([1.9, 0.4]))
+    # the TIES paper's disjoint mean [1.5, -1]
+    out = merge(base, experts, "ties", density=1.0, merge_func="mean")["w"]
     assert torch.allclose(out, torch.tensor([1.45, 0.7]))
 
 

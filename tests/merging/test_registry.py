@@ -64,7 +64,7 @@ def test_bad_values_are_named(method: str, params: dict, message: str) -> None:
 
 def test_resolve_fills_defaults_and_coerces_ints() -> None:
     resolved = get_method("ties").resolve({"scale": 1})
-    assert resolved == {"density": 0.2, "merge_func": "mean", "scale": 1.0, "topk_scope": "global"}
+    assert resolved == {"density": 0.2, "merge_func": "sum", "scale": 1.0, "topk_scope": "global"}
     assert isinstance(resolved["scale"], float)
 
 
