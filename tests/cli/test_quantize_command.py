@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
 from epmq.cli import main
-from epmq.cli.quantize_command import resume_dir
+from epmq.cli.quantize_run import resume_dir
 from epmq.models.registry import load_model
 from epmq.quant import QuantGrid
 

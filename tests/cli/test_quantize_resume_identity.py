@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 import epmq.export
 from epmq.cli import main
-from epmq.cli.quantize_command import resume_dir
+from epmq.cli.quantize_run import resume_dir
 
 hf_logging.set_verbosity_error()
 

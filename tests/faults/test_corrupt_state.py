@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from epmq.cli import main
-from epmq.cli.quantize_command import resume_dir
+from epmq.cli.quantize_run import resume_dir
 
 
 @pytest.fixture(scope="module")
