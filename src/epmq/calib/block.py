@@ -19,6 +19,7 @@ from epmq.calib.capture import BlockCall
 from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.fold import fold_input_scale, search_input_scales
+from epmq.calib.problem import layer_problem
 from epmq.calib.propagate import Streams, propagate, propagate_calls, served
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
@@ -27,7 +28,6 @@ from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
-from epmq.quant.solvers import LayerProblem
 
 
 @dataclass
@@ -196,14 +196,17 @@ class BlockJob:
         regmean_expert = solver.gram_inputs == "expert" and twins is not None
         cross = twins is not None and not regmean_expert and solver.cross_terms(self.options.params)
         fold = self._fold_weights(names, states)
+        # the mean inputs, for bias correction (a statistics cache keeps them for any solver)
+        cached = self.x_source == "merged" and self.stats_cache is not None
+        means = solver.fits_bias(self.options.params) or cached
         stats: TaskStatistics
         if fold is None:
-            stats = TaskStatistics(self.block, names, self.tasks, cross=cross)
+            stats = TaskStatistics(self.block, names, self.tasks, cross=cross, means=means)
         else:
             stats = FoldedStatistics(
                 self.block, names, self.tasks, cross=cross, fold=fold,
                 task_weights=self.options.task_weights,
-                reduce=self.reducer.reduce_ if self.reducer is not None else None,
+                reduce=self.reducer.reduce_ if self.reducer is not None else None, means=means,
             )  # fmt: skip
         outputs: Streams | None = {} if propagate else None
         with reuse.pass_() if reuse is not None else contextlib.nullcontext():
@@ -288,12 +291,22 @@ class BlockJob:
         reducer = self.reducer
         owners = {name: 0 if reducer is None else reducer.owner(name) for name in names}
         mine = [n for n in names if reducer is None or owners[n] == reducer.rank]
-        problem_of = None if stats is None else (lambda n: self._problem(n, stats, states))
+        fits = stats is not None and self.options.solver.fits_bias(self.options.params)
+        problem_of = (
+            None
+            if stats is None
+            else (lambda n: layer_problem(self.block, self.prefix, n, stats, states, self.options))
+        )
         folds, scale_of = search_input_scales(
             self.block, self.adapter.input_producers, names, problem_of, self.options
         )
         solved = {
-            name: solve_layer(self._problem(name, stats, states, scale_of.get(name)), self.options)
+            name: solve_layer(
+                layer_problem(
+                    self.block, self.prefix, name, stats, states, self.options, scale_of.get(name)
+                ),
+                self.options,
+            )
             for name in mine
         }
         for name in names:
@@ -302,10 +315,15 @@ class BlockJob:
             solution = solved.get(name)
             if reducer is not None:
                 if solution is None:
-                    solution = placeholder(module.weight, self.options.grid)
+                    solution = placeholder(
+                        module.weight, self.options.grid, module.bias if fits else None
+                    )
                 reducer.share_(solution, full, src=owners[name])
             module.weight.data.copy_(solution.weight.to(module.weight.dtype))
             outcome.weights[full] = module.weight.detach().clone()
+            if solution.bias is not None:  # bias correction (replayed by load)
+                module.bias.data.copy_(solution.bias.to(module.bias))
+                outcome.weights[f"{full}.bias"] = module.bias.detach().clone()
             result = solution.result
             if result is not None:
                 if _same_layout(result.weight, module.weight) and torch.equal(
@@ -333,26 +351,6 @@ class BlockJob:
             fold_input_scale(self.block, self.prefix, producer, s, outcome.weights, outcome.results)
             if reuse is not None:
                 reuse.forget(producer)
-
-    def _problem(
-        self,
-        name: str,
-        stats: TaskStatistics | None,
-        states: list[dict[str, Tensor]] | None,
-        input_scale: Tensor | None = None,
-    ) -> LayerProblem:
-        """The :class:`LayerProblem` of linear ``name`` (its weight as the block holds it)."""
-        module = self.block.get_submodule(name)
-        experts = None if states is None else [s[f"{name}.weight"] for s in states]
-        problem = LayerProblem(
-            f"{self.prefix}.{name}", module.weight.detach().float(), None, None, experts,
-            input_scale=input_scale,
-        )  # fmt: skip
-        if isinstance(stats, FoldedStatistics):
-            problem.sums = stats.sums(name)
-        elif stats is not None:  # solve_layer folds these itself
-            problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
-        return problem
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

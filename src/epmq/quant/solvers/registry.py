@@ -32,6 +32,10 @@ only these declarations (it never compares names):
   solved with ``problem.input_scale = s`` and must return a weight for the inputs ``x / s``
   (``≈ W · diag(s)``, on its grid); the engine divides the producer's output channels by ``s``,
   so the model computes ``Q · (x / s)`` and exports like any other solver (AWQ);
+- ``fits_bias(params)``: whether, after each linear with a bias is solved, the engine sets the
+  bias that best reproduces the targets' outputs on the calibration data (quant/bias.py: the
+  experts' ``W_i x̃ + b_i`` for expert targets, else the merged ``W_m x + b_m``); the engine
+  then also collects each task's mean inputs, in the same pass as the Grams;
 - ``baseline``: the solver this one improves on with the same grid and Hessian (E-PMQ: GPTQ);
   reports split the gain over it into a better target and less rounding loss.
 """
@@ -72,6 +76,12 @@ class LayerProblem:
     sums: TargetSums | None = None
     #: ``s`` from the solver's ``input_scales`` search: the layer will read ``x / s``
     input_scale: Tensor | None = None
+    #: bias correction (``fits_bias``): the merged bias, the experts' biases (None: no
+    #: experts), the per-task mean inputs ``μ_i`` and the targets' ``μ̃_i`` (None: ``μ_i``)
+    merged_bias: Tensor | None = None
+    expert_biases: list[Tensor] | None = None
+    means: list[Tensor] | None = None
+    target_means: list[Tensor] | None = None
 
 
 @dataclass
@@ -84,6 +94,8 @@ class LayerSolution:
     damping: float
     damping_retries: int
     seconds: float
+    #: the corrected bias (bias correction), None to keep the layer's
+    bias: Tensor | None = None
 
 
 SolveFn = Callable[[LayerProblem, QuantGrid | None, Mapping[str, Any]], LayerSolution]
@@ -93,6 +105,10 @@ ScaleSearch = Callable[[Sequence[LayerProblem], QuantGrid | None, Mapping[str, A
 
 def _always(params: Mapping[str, Any]) -> bool:
     return True
+
+
+def _never(params: Mapping[str, Any]) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class Solver(Declared):
     expert_targets: ExpertTargets = _always
     input_scales: ScaleSearch | None = None
     baseline: str | None = None
+    fits_bias: Callable[[Mapping[str, Any]], bool] = _never
 
     @property
     def studied(self) -> bool:
@@ -149,9 +166,13 @@ class Solver(Declared):
             raise EpmqError(f"method {self.name!r} needs the experts' weights")
         return list(experts) if self.expert_targets(params) else [merged] * len(experts)
 
+    def targets_are_experts(self, params: Mapping[str, Any]) -> bool:
+        """Whether each task's target is its expert's outputs (else the merged model's)."""
+        return self.statistics == "target" and self.expert_targets(params)
+
     def cross_terms(self, params: Mapping[str, Any]) -> bool:
         """Whether B takes the expert stream's cross terms ``C_i`` (expert targets only)."""
-        return self.statistics == "target" and self.expert_targets(params)
+        return self.targets_are_experts(params)
 
 
 _REGISTRY: dict[str, Solver] = {}
@@ -172,6 +193,7 @@ def register_solver(
     expert_targets: ExpertTargets = _always,
     input_scales: ScaleSearch | None = None,
     baseline: str | None = None,
+    fits_bias: Callable[[Mapping[str, Any]], bool] = _never,
 ) -> Callable[[SolveFn], SolveFn]:
     """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
 
@@ -193,6 +215,7 @@ def register_solver(
             expert_targets=expert_targets,
             input_scales=input_scales,
             baseline=baseline,
+            fits_bias=fits_bias,
         )
         return fn
 
