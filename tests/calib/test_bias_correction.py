@@ -14,11 +14,10 @@ import copy
 
 import pytest
 import torch
-from calib_fixtures import Setup
+from calib_fixtures import Setup, linear_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from epmq.calib import EngineOptions, quantize_model
-from epmq.calib.statistics import flatten_tokens
 from epmq.models.bert import BertAdapter
 from epmq.quant import GramAccumulator, QuantGrid
 from epmq.quant.bias import corrected_bias
@@ -59,29 +58,6 @@ def test_closed_form_equals_least_squares() -> None:
     assert torch.allclose(merged, b_m + (w_m - q) @ mean, atol=1e-9, rtol=0)
 
 
-@torch.no_grad()
-def _linear_inputs(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Every encoder linear's real-token inputs over ``batches`` (float64 rows)."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    mask: list[torch.Tensor] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("encoder."):
-
-            def hook(m, args, name=name) -> None:
-                seen.setdefault(name, []).append(flatten_tokens(args[0], mask[0]).double())
-
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            mask[:] = [batch["attention_mask"].bool()]
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: torch.cat(rows) for name, rows in seen.items()}
-
-
 def _error(q: torch.Tensor, b: torch.Tensor, xs, targets) -> float:
     """``Σ_i mean_t ‖Q x_t + b − (W_i x̃_t + b_i)‖²`` (every task weighs 1)."""
     total = 0.0
@@ -105,10 +81,10 @@ def test_correction_lowers_every_layers_output_error(setup: Setup, x_source: str
     )  # fmt: skip
     merged = setup.merged()
     tasks = list(setup.calib)
-    xs = [_linear_inputs(model, setup.calib[t]) for t in tasks]
+    xs = [linear_inputs(model, setup.calib[t]) for t in tasks]
     experts = [setup.expert_model(i) for i in range(len(tasks))]
     if x_source == "expert":
-        xts = [_linear_inputs(e, setup.calib[t]) for e, t in zip(experts, tasks, strict=True)]
+        xts = [linear_inputs(e, setup.calib[t]) for e, t in zip(experts, tasks, strict=True)]
     else:
         xts = xs
     corrected = uncorrected = 0.0

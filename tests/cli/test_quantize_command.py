@@ -279,6 +279,28 @@ def test_bias_correction_end_to_end(
     assert record["settings"]["bias_correction"] is True
 
 
+def test_gptq_fp_end_to_end(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--method gptq-fp`` needs no experts; the export reloads as the Python API's model."""
+    from transformers import CompressedTensorsConfig
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(data["llama"]), "--method", "gptq-fp", "--bits", "3",
+            "--group-size", "32", "--dtype", "float32", "--out", str(out), *_calib_args(data),
+            *SMALL]  # fmt: skip
+    assert _run(argv, monkeypatch) == 0
+    loaded = LlamaForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    reference = _reference(data["llama"], data, "gptq-fp", QuantGrid(3, 32))
+    gptq = _reference(data["llama"], data, "gptq", QuantGrid(3, 32))
+    ids = _ids(len(WORDS) + 3)
+    _assert_close_and_moved(_hidden(loaded, ids), _hidden(reference, ids), _hidden(gptq, ids), 1e-5)
+    record = json.loads((out / "epmq_record.json").read_text())["record"]
+    assert record["method"] == "gptq-fp"
+
+
 def test_list_methods_shows_awq(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     assert _run(["quantize", "--list-methods"], monkeypatch) == 0
     printed = capsys.readouterr().out

@@ -1,15 +1,15 @@
 """One block's lifecycle: calibrate (statistics) → solve (linears) → propagate (next inputs).
 
-``BlockJob`` holds what a block needs: the block, its per-task input calls, the expert
-activation stream (for ``x_source="expert"``), and the experts' tensors of this block only
-(read from each expert's files when the block starts, dropped when it ends).
+``BlockJob`` holds what a block needs: the block, its per-task input calls, the second
+activation stream (the experts' for ``x_source="expert"``, the full-precision merge's for a
+solver with ``target_stream="merge"``), and the targets' tensors of this block only (read from
+each expert's files, or snapshot from the merged block, when the block starts, dropped when it
+ends: calib/targets.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,7 @@ from epmq.calib.reuse import FinalOutputs
 from epmq.calib.solve import SolveOptions, solve_layer
 from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
+from epmq.calib.targets import block_targets
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
 
@@ -62,31 +63,6 @@ class BlockJob:
         """Module-name prefix of this block in the model."""
         return f"{self.stage.blocks_path}.{self.index}"
 
-    # -- expert tensors ---------------------------------------------------------------------
-    def expert_states(self, linear_only: bool) -> list[dict[str, Tensor]]:
-        """Each expert's tensors of this block (names relative to the block)."""
-        assert self.experts is not None
-        params = dict(self.block.named_parameters())
-        params.update(dict(self.block.named_buffers()))
-        if linear_only:
-            linears = {n for n, m in self.block.named_modules() if isinstance(m, nn.Linear)}
-            params = {n: p for n, p in params.items() if n.rsplit(".", 1)[0] in linears}
-        states = []
-        for expert in self.experts:
-            states.append(
-                {n: expert.tensor(f"{self.prefix}.{n}", like=p.detach()) for n, p in params.items()}
-            )
-        return states
-
-    def expert_blocks(self, states: Sequence[dict[str, Tensor]]) -> list[nn.Module]:
-        """Copies of this block (taken before it is modified) holding each expert's tensors."""
-        blocks = []
-        for state in states:
-            twin = copy.deepcopy(self.block)
-            twin.load_state_dict(state, strict=False)
-            blocks.append(twin)
-        return blocks
-
     # -- the lifecycle ------------------------------------------------------------------------
     @torch.no_grad()
     def run(
@@ -98,11 +74,10 @@ class BlockJob:
         proxy loss), and with a filled ``stats_cache`` (``x_source="merged"``) every linear is
         solved from the cached statistics of the merged stream.
         """
-        expert_stream = self.x_source == "expert" and calls is not None
-        states = None
-        if self.options.solver.reads_experts or expert_stream:
-            states = self.expert_states(linear_only=not expert_stream)
-        twins = self.expert_blocks(states) if expert_stream and states is not None else None
+        stream = self.options.solver.second_stream(self.x_source) and calls is not None
+        states, twins = block_targets(
+            self.block, self.prefix, self.experts, self.tasks, self.options.solver, stream=stream
+        )
         groups = self.adapter.linear_groups(self.block)
         outcome = BlockOutcome()
         if calls is None:
@@ -151,8 +126,10 @@ class BlockJob:
             self.load(weights)
             return None, None
         twins = None
-        if self.x_source == "expert":
-            twins = self.expert_blocks(self.expert_states(linear_only=False))
+        if self.options.solver.second_stream(self.x_source):
+            _, twins = block_targets(
+                self.block, self.prefix, self.experts, self.tasks, self.options.solver, stream=True
+            )
         if self.x_source == "merged":
             next_calls = propagate(self.adapter, self.stage, self.index, self.block, calls)
             self.load(weights)

@@ -32,6 +32,10 @@ only these declarations (it never compares names):
   solved with ``problem.input_scale = s`` and must return a weight for the inputs ``x / s``
   (``≈ W · diag(s)``, on its grid); the engine divides the producer's output channels by ``s``,
   so the model computes ``Q · (x / s)`` and exports like any other solver (AWQ);
+- ``target_stream``: ``experts`` (each task's target is its expert) or ``merge`` (the
+  full-precision merged model is every task's "expert": the engine snapshots each block before
+  solving it and runs the merged model's own activation stream beside the quantized one, so
+  ``B = Σ_i w_i W_m C_i`` with ``C_i = X_i^fp X_iᵀ / n_i``; the fp-target GPTQ baseline);
 - ``fits_bias(params)``: whether, after each linear with a bias is solved, the engine sets the
   bias that best reproduces the targets' outputs on the calibration data (quant/bias.py: the
   experts' ``W_i x̃ + b_i`` for expert targets, else the merged ``W_m x + b_m``); the engine
@@ -57,6 +61,7 @@ from epmq.quant.target import TargetSums
 X_SOURCES = ("quantized", "merged", "expert")
 GridNeed = Literal["required", "optional", "none"]
 StatisticsNeed = Literal["hessian", "target", "grams"]
+TargetStream = Literal["experts", "merge"]
 
 
 @dataclass
@@ -127,12 +132,18 @@ class Solver(Declared):
     input_scales: ScaleSearch | None = None
     baseline: str | None = None
     fits_bias: Callable[[Mapping[str, Any]], bool] = _never
+    target_stream: TargetStream = "experts"
 
     @property
     def studied(self) -> bool:
-        """Whether the solver fits expert-guided targets (``target`` statistics): the
-        X-source study and the α sweep of an experiment are about such solvers."""
-        return self.statistics == "target"
+        """Whether the solver fits expert-guided targets (``target`` statistics, the experts'
+        stream): the X-source study and the α sweep of an experiment are about such solvers."""
+        return self.statistics == "target" and self.target_stream == "experts"
+
+    def second_stream(self, x_source: str) -> bool:
+        """Whether a second activation stream runs beside the calibrated one: the experts'
+        (``x_source="expert"``) or the full-precision merge's (``target_stream="merge"``)."""
+        return x_source == "expert" or self.target_stream == "merge"
 
     @property
     def rounds(self) -> bool:
@@ -194,6 +205,7 @@ def register_solver(
     input_scales: ScaleSearch | None = None,
     baseline: str | None = None,
     fits_bias: Callable[[Mapping[str, Any]], bool] = _never,
+    target_stream: TargetStream = "experts",
 ) -> Callable[[SolveFn], SolveFn]:
     """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
 
@@ -216,6 +228,7 @@ def register_solver(
             input_scales=input_scales,
             baseline=baseline,
             fits_bias=fits_bias,
+            target_stream=target_stream,
         )
         return fn
 
