@@ -7,6 +7,8 @@ import copy
 import torch
 from transformers import BertConfig, BertModel
 
+from epmq.calib.statistics import flatten_tokens
+
 HIDDEN = 32
 LAYERS = 2
 VOCAB = 60
@@ -104,3 +106,26 @@ def task_error(model: BertModel, setup: Setup) -> float:
             total += float(((got - want)[mask] ** 2).sum())
         del task
     return total
+
+
+@torch.no_grad()
+def linear_inputs(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Every encoder linear's real-token inputs over ``batches`` (float64 rows)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    mask: list[torch.Tensor] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("encoder."):
+
+            def hook(m, args, name=name) -> None:
+                seen.setdefault(name, []).append(flatten_tokens(args[0], mask[0]).double())
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            mask[:] = [batch["attention_mask"].bool()]
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(rows) for name, rows in seen.items()}

@@ -17,7 +17,7 @@ from epmq.calib.distributed import GramReducer
 from epmq.errors import EpmqError
 from epmq.quant import QuantGrid
 
-METHODS = ("gptq", "epmq")
+METHODS = ("gptq", "epmq", "epmq+bias")  # epmq+bias: E-PMQ with bias_correction=True
 GRID = QuantGrid(4, group_size=16)
 BATCHES = 4
 
@@ -25,7 +25,9 @@ BATCHES = 4
 def solved(setup: Setup, calib: dict, method: str, distributed: bool | None) -> dict:
     """Quantize a fresh merged model; its codes, scales, zeros, weights and token counts."""
     model = setup.merged()
+    method, _, bias = method.partition("+")
     experts = setup.experts if method == "epmq" else None
+    params = {"bias_correction": True} if bias else {}
     run = quantize_model(
         model,
         None,
@@ -33,6 +35,7 @@ def solved(setup: Setup, calib: dict, method: str, distributed: bool | None) -> 
         method=method,
         grid=GRID,
         experts=experts,
+        **params,
         engine=EngineOptions(progress=False, distributed=distributed),
     )
     return {
@@ -41,6 +44,9 @@ def solved(setup: Setup, calib: dict, method: str, distributed: bool | None) -> 
             for name, r in run.results.items()
         },
         "tokens": {r.name: r.tokens for r in run.layers},
+        "biases": {
+            n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")
+        },
         "world_size": run.settings.get("world_size", 1),
     }
 

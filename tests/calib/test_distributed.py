@@ -42,6 +42,9 @@ def test_two_ranks_equal_one_process_on_the_union(ranks: list[dict], method: str
             assert torch.equal(got[key], other[key]), f"{name}.{key}: ranks differ"
         assert torch.equal(got["codes"], want["codes"]), name
         torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-5, atol=1e-6)
+    for name, want in single["biases"].items():  # refit by bias correction (epmq+bias)
+        assert torch.equal(first["biases"][name], second["biases"][name]), name
+        torch.testing.assert_close(first["biases"][name], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -248,6 +248,59 @@ def test_awq_end_to_end(
     assert record["method"] == "awq" and all(r["proxy_loss"] >= 0 for r in record["layers"])
 
 
+def test_bias_correction_end_to_end(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--param bias_correction=true``: the refit biases reach the compressed-tensors export,
+    which reloads as the in-memory model (float32: 1e-5 x max |output|)."""
+    from transformers import CompressedTensorsConfig
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(data["bert"]), "--method", "gptq", "--bits", "3",
+            "--group-size", "16", "--param", "bias_correction=true", "--dtype", "float32",
+            "--out", str(out), *_calib_args(data), *SMALL]  # fmt: skip
+    assert _run(argv, monkeypatch) == 0
+    loaded = BertModel.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    reference = _reference(data["bert"], data, "gptq", QuantGrid(3, 16), bias_correction=True)
+    original = BertModel.from_pretrained(data["bert"]).eval()
+    biases = [n for n, _ in reference.named_parameters() if n.startswith("encoder.")
+              and n.endswith(".bias") and "LayerNorm" not in n]  # fmt: skip
+    assert len(biases) == 12
+    for name in biases:
+        assert torch.equal(loaded.get_parameter(name), reference.get_parameter(name)), name
+        assert not torch.equal(original.get_parameter(name), reference.get_parameter(name)), name
+    ids = _ids(BERT_VOCAB)
+    _assert_close_and_moved(
+        _hidden(loaded, ids), _hidden(reference, ids), _hidden(original, ids), 1e-5
+    )
+    record = json.loads((out / "epmq_record.json").read_text())["record"]
+    assert record["settings"]["bias_correction"] is True
+
+
+def test_gptq_fp_end_to_end(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--method gptq-fp`` needs no experts; the export reloads as the Python API's model."""
+    from transformers import CompressedTensorsConfig
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(data["llama"]), "--method", "gptq-fp", "--bits", "3",
+            "--group-size", "32", "--dtype", "float32", "--out", str(out), *_calib_args(data),
+            *SMALL]  # fmt: skip
+    assert _run(argv, monkeypatch) == 0
+    loaded = LlamaForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    reference = _reference(data["llama"], data, "gptq-fp", QuantGrid(3, 32))
+    gptq = _reference(data["llama"], data, "gptq", QuantGrid(3, 32))
+    ids = _ids(len(WORDS) + 3)
+    _assert_close_and_moved(_hidden(loaded, ids), _hidden(reference, ids), _hidden(gptq, ids), 1e-5)
+    record = json.loads((out / "epmq_record.json").read_text())["record"]
+    assert record["method"] == "gptq-fp"
+
+
 def test_list_methods_shows_awq(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     assert _run(["quantize", "--list-methods"], monkeypatch) == 0
     printed = capsys.readouterr().out

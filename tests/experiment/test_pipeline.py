@@ -168,3 +168,30 @@ def test_regmean_reduce_ratio_reaches_the_engine(
     )
     run_session(config, quick=True, cache_dir=cache_dir, progress=False, announce=lambda _: None)
     assert seen == [ratio]
+
+
+def test_fp_target_gptq_rows_sit_beside_gptq_and_epmq(cache_dir: Path, tmp_path: Path) -> None:
+    """Listing ``gptq-fp`` in ``quantization.methods`` is all it takes; the α sweep and the
+    X-source study stay on E-PMQ."""
+    out = tmp_path / "report"
+    config = parse_config(
+        {
+            "suite": "tiny",
+            "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+            "quantization": {
+                "methods": ["gptq", "gptq-fp", "epmq"],
+                "bits": [3],
+                "alpha_sweep": [10.0],
+                "x_source_study": True,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
+    results, _ = run_session(
+        config, quick=True, cache_dir=cache_dir, progress=False, announce=lambda _: None
+    )
+    rows = results.find(kind="quantized", quantizer="gptq-fp")
+    assert len(rows) == 1 and rows[0].x_source is None and rows[0].study is None
+    assert {r.quantizer for r in results.find(kind="quantized", study=None)} >= {"gptq", "epmq"}
+    assert all(p.quantizer == "epmq" for p in results.sweeps["alpha"])
+    assert "GPTQ (fp targets)" in (out / "report.md").read_text()

@@ -102,3 +102,27 @@ def test_inputs_that_require_grad_are_detached() -> None:
     acc = GramAccumulator(6)
     acc.add(x * 2)
     assert not acc.gram.requires_grad
+
+
+def test_means_are_float64_token_means_and_survive_merge_and_state_dict() -> None:
+    x, xc = tokens(12).float(), tokens(12, seed=1).float()
+    acc = GramAccumulator(6, cross=True, means=True)
+    acc.add(x[:5], xc[:5])
+    other = GramAccumulator(6, cross=True, means=True)
+    other.add(x[5:], xc[5:])
+    acc.merge_(other)
+    assert acc.mean is not None and acc.mean.dtype == torch.float64
+    assert torch.allclose(acc.mean, x.double().mean(0), atol=1e-12)
+    assert acc.cross_mean is not None
+    assert torch.allclose(acc.cross_mean, xc.double().mean(0), atol=1e-12)
+    again = GramAccumulator.from_state_dict(acc.state_dict())
+    assert torch.equal(again.mean, acc.mean) and torch.equal(again.cross_mean, acc.cross_mean)
+    plain = GramAccumulator(6)
+    plain.add(x)
+    assert plain.mean is None and "x_sum" not in plain.state_dict()
+    with pytest.raises(EpmqError, match="no means"):
+        acc.merge_(
+            GramAccumulator.from_state_dict(
+                {**plain.state_dict(), "cross_sum": acc.state_dict()["cross_sum"]}
+            )
+        )

@@ -1,15 +1,15 @@
 """One block's lifecycle: calibrate (statistics) → solve (linears) → propagate (next inputs).
 
-``BlockJob`` holds what a block needs: the block, its per-task input calls, the expert
-activation stream (for ``x_source="expert"``), and the experts' tensors of this block only
-(read from each expert's files when the block starts, dropped when it ends).
+``BlockJob`` holds what a block needs: the block, its per-task input calls, the second
+activation stream (the experts' for ``x_source="expert"``, the full-precision merge's for a
+solver with ``target_stream="merge"``), and the targets' tensors of this block only (read from
+each expert's files, or snapshot from the merged block, when the block starts, dropped when it
+ends: calib/targets.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,15 +20,16 @@ from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.fold import fold_input_scale, search_input_scales
 from epmq.calib.norms import BlockNorms, norm_slots, norm_tensors
+from epmq.calib.problem import layer_problem
 from epmq.calib.propagate import Streams, propagate, propagate_calls, served
 from epmq.calib.records import LayerRecord
 from epmq.calib.reuse import FinalOutputs
 from epmq.calib.solve import SolveOptions, solve_layer
 from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
+from epmq.calib.targets import block_targets
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
-from epmq.quant.solvers import LayerProblem
 
 
 @dataclass
@@ -63,31 +64,6 @@ class BlockJob:
         """Module-name prefix of this block in the model."""
         return f"{self.stage.blocks_path}.{self.index}"
 
-    # -- expert tensors ---------------------------------------------------------------------
-    def expert_states(self, linear_only: bool) -> list[dict[str, Tensor]]:
-        """Each expert's tensors of this block (names relative to the block)."""
-        assert self.experts is not None
-        params = dict(self.block.named_parameters())
-        params.update(dict(self.block.named_buffers()))
-        if linear_only:
-            linears = {n for n, m in self.block.named_modules() if isinstance(m, nn.Linear)}
-            params = {n: p for n, p in params.items() if n.rsplit(".", 1)[0] in linears}
-        states = []
-        for expert in self.experts:
-            states.append(
-                {n: expert.tensor(f"{self.prefix}.{n}", like=p.detach()) for n, p in params.items()}
-            )
-        return states
-
-    def expert_blocks(self, states: Sequence[dict[str, Tensor]]) -> list[nn.Module]:
-        """Copies of this block (taken before it is modified) holding each expert's tensors."""
-        blocks = []
-        for state in states:
-            twin = copy.deepcopy(self.block)
-            twin.load_state_dict(state, strict=False)
-            blocks.append(twin)
-        return blocks
-
     # -- the lifecycle ------------------------------------------------------------------------
     @torch.no_grad()
     def run(
@@ -99,11 +75,10 @@ class BlockJob:
         proxy loss), and with a filled ``stats_cache`` (``x_source="merged"``) every linear is
         solved from the cached statistics of the merged stream.
         """
-        expert_stream = self.x_source == "expert" and calls is not None
-        states = None
-        if self.options.solver.reads_experts or expert_stream:
-            states = self.expert_states(linear_only=not expert_stream)
-        twins = self.expert_blocks(states) if expert_stream and states is not None else None
+        stream = self.options.solver.second_stream(self.x_source) and calls is not None
+        states, twins = block_targets(
+            self.block, self.prefix, self.experts, self.tasks, self.options.solver, stream=stream
+        )
         groups = self.adapter.linear_groups(self.block)
         outcome = BlockOutcome()
         if calls is None:
@@ -161,8 +136,10 @@ class BlockJob:
             self.load(weights)
             return None, None
         twins = None
-        if self.x_source == "expert":
-            twins = self.expert_blocks(self.expert_states(linear_only=False))
+        if self.options.solver.second_stream(self.x_source):
+            _, twins = block_targets(
+                self.block, self.prefix, self.experts, self.tasks, self.options.solver, stream=True
+            )
         if self.x_source == "merged":
             sites = self.adapter.norms(self.block)  # fitted before the merged stream ran
             self.load(norm_tensors(weights, self.prefix, sites))
@@ -218,14 +195,17 @@ class BlockJob:
         regmean_expert = solver.gram_inputs == "expert" and twins is not None
         cross = twins is not None and not regmean_expert and solver.cross_terms(self.options.params)
         fold = self._fold_weights(names, states)
+        # the mean inputs, for bias correction (a statistics cache keeps them for any solver)
+        cached = self.x_source == "merged" and self.stats_cache is not None
+        means = solver.fits_bias(self.options.params) or cached
         stats: TaskStatistics
         if fold is None:
-            stats = TaskStatistics(self.block, names, self.tasks, cross=cross)
+            stats = TaskStatistics(self.block, names, self.tasks, cross=cross, means=means)
         else:
             stats = FoldedStatistics(
                 self.block, names, self.tasks, cross=cross, fold=fold,
                 task_weights=self.options.task_weights,
-                reduce=self.reducer.reduce_ if self.reducer is not None else None,
+                reduce=self.reducer.reduce_ if self.reducer is not None else None, means=means,
             )  # fmt: skip
         outputs: Streams | None = {} if propagate else None
         with reuse.pass_() if reuse is not None else contextlib.nullcontext():
@@ -310,12 +290,22 @@ class BlockJob:
         reducer = self.reducer
         owners = {name: 0 if reducer is None else reducer.owner(name) for name in names}
         mine = [n for n in names if reducer is None or owners[n] == reducer.rank]
-        problem_of = None if stats is None else (lambda n: self._problem(n, stats, states))
+        fits = stats is not None and self.options.solver.fits_bias(self.options.params)
+        problem_of = (
+            None
+            if stats is None
+            else (lambda n: layer_problem(self.block, self.prefix, n, stats, states, self.options))
+        )
         folds, scale_of = search_input_scales(
             self.block, self.adapter.input_producers, names, problem_of, self.options
         )
         solved = {
-            name: solve_layer(self._problem(name, stats, states, scale_of.get(name)), self.options)
+            name: solve_layer(
+                layer_problem(
+                    self.block, self.prefix, name, stats, states, self.options, scale_of.get(name)
+                ),
+                self.options,
+            )
             for name in mine
         }
         for name in names:
@@ -324,10 +314,15 @@ class BlockJob:
             solution = solved.get(name)
             if reducer is not None:
                 if solution is None:
-                    solution = placeholder(module.weight, self.options.grid)
+                    solution = placeholder(
+                        module.weight, self.options.grid, module.bias if fits else None
+                    )
                 reducer.share_(solution, full, src=owners[name])
             module.weight.data.copy_(solution.weight.to(module.weight.dtype))
             outcome.weights[full] = module.weight.detach().clone()
+            if solution.bias is not None:  # bias correction (replayed by load)
+                module.bias.data.copy_(solution.bias.to(module.bias))
+                outcome.weights[f"{full}.bias"] = module.bias.detach().clone()
             result = solution.result
             if result is not None:
                 if _same_layout(result.weight, module.weight) and torch.equal(
@@ -355,26 +350,6 @@ class BlockJob:
             fold_input_scale(self.block, self.prefix, producer, s, outcome.weights, outcome.results)
             if reuse is not None:
                 reuse.forget(producer)
-
-    def _problem(
-        self,
-        name: str,
-        stats: TaskStatistics | None,
-        states: list[dict[str, Tensor]] | None,
-        input_scale: Tensor | None = None,
-    ) -> LayerProblem:
-        """The :class:`LayerProblem` of linear ``name`` (its weight as the block holds it)."""
-        module = self.block.get_submodule(name)
-        experts = None if states is None else [s[f"{name}.weight"] for s in states]
-        problem = LayerProblem(
-            f"{self.prefix}.{name}", module.weight.detach().float(), None, None, experts,
-            input_scale=input_scale,
-        )  # fmt: skip
-        if isinstance(stats, FoldedStatistics):
-            problem.sums = stats.sums(name)
-        elif stats is not None:  # solve_layer folds these itself
-            problem.grams, problem.crosses = stats.grams(name), stats.crosses(name)
-        return problem
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

@@ -91,7 +91,7 @@ class GramReducer:
         dist.all_reduce(counts)
         for (name, task, acc), count in zip(entries, counts.tolist(), strict=True):
             state = dict(acc.state_dict())
-            for key in ("gram_sum", "cross_sum"):
+            for key in ("gram_sum", "cross_sum", "x_sum", "cross_x_sum"):
                 if key in state:
                     state[key] = state[key].contiguous()
                     dist.all_reduce(state[key])
@@ -111,6 +111,8 @@ class GramReducer:
         if not self.active:
             return
         solution.weight = self._broadcast(solution.weight.float(), src)
+        if solution.bias is not None:  # a corrected bias (every rank agrees it has one)
+            solution.bias = self._broadcast(solution.bias.double(), src)
         result = solution.result
         if result is not None:
             result.weight = solution.weight
@@ -136,10 +138,13 @@ class GramReducer:
         return tensor
 
 
-def placeholder(weight: Tensor, grid: QuantGrid | None) -> LayerSolution:
+def placeholder(
+    weight: Tensor, grid: QuantGrid | None, bias: Tensor | None = None
+) -> LayerSolution:
     """An empty solution shaped like a linear's (``weight``) on ``grid``: what a rank that
     does not own the linear receives the owner's solution into (:meth:`GramReducer.share_`).
-    Solvers return float32 weights and a quantization result exactly when they round."""
+    Solvers return float32 weights and a quantization result exactly when they round; a
+    ``bias`` given (the layer's, when the solver corrects it) gets an empty float64 one."""
     rows, cols = weight.shape
     empty = torch.empty(rows, cols, dtype=torch.float32, device=weight.device)
     result = None
@@ -157,7 +162,10 @@ def placeholder(weight: Tensor, grid: QuantGrid | None) -> LayerSolution:
             damping_retries=0,
             seconds=0.0,
         )
-    return LayerSolution(empty, result, float("nan"), 0.0, 0, 0.0)
+    solution = LayerSolution(empty, result, float("nan"), 0.0, 0, 0.0)
+    if bias is not None:
+        solution.bias = torch.empty(rows, dtype=torch.float64, device=weight.device)
+    return solution
 
 
 @contextlib.contextmanager

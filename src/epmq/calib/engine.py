@@ -11,7 +11,9 @@ For every stage of the model (one for encoders and decoders, two for T5), and ev
 Where the linears' inputs come from (``x_source``): ``quantized`` (through the model
 as rounded so far), ``merged`` (through the full-precision merged model), ``expert`` (as
 ``quantized``, plus each expert's own activations through its own blocks for the targets:
-``C_i = X_i^expert X_iᵀ / n_i``; E-PMQ's default). Expert tensors are read one block at a time.
+``C_i = X_i^expert X_iᵀ / n_i``; E-PMQ's default). Expert tensors are read one block at a time. A
+solver declaring ``target_stream="merge"`` (``gptq-fp``) runs the full-precision merged model's
+stream instead, from a snapshot of each block taken before it is solved (calib/targets.py).
 
 Two runs need no forward pass at all: RTN without calibration data (``calib=None``: every
 weight rounded alone), and ``x_source="merged"`` with a :class:`StatsCache` already filled by
@@ -208,7 +210,7 @@ def quantize_model(
                     calls = upfront.get(stage.name) or _capture(
                         model, adapter, stage, data, place.device
                     )
-                if x_source == "expert" and calls is not None:
+                if solver.second_stream(x_source) and calls is not None:
                     expert_calls = _link(model, adapter, stage, calls, expert_final, number)
             for index, block in enumerate(adapter.blocks(model, stage)):
                 job = BlockJob(

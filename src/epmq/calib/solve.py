@@ -2,8 +2,9 @@
 
 The solvers themselves (RTN, GPTQ, E-PMQ, RegMean, ...) live one per file in
 :mod:`epmq.quant.solvers`; this module holds what a run passes them (:class:`SolveOptions`:
-the solver, its validated parameters, the grid and the task weights) and folds kept per-task
-Grams into the sums a solver reads when the statistics were not folded while calibrating.
+the solver, its validated parameters, the grid and the task weights), folds kept per-task
+Grams into the sums a solver reads when the statistics were not folded while calibrating, and
+corrects the bias of a solved linear when the solver fits biases (quant/bias.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from epmq.errors import EpmqError
 from epmq.quant import QuantGrid, TargetSums
+from epmq.quant.bias import corrected_bias
 from epmq.quant.solvers import LayerProblem, LayerSolution, Solver, get_solver
 
 
@@ -90,8 +92,32 @@ def prepare(problem: LayerProblem, options: SolveOptions) -> LayerProblem:
 
 
 def solve_layer(problem: LayerProblem, options: SolveOptions) -> LayerSolution:
-    """Solve ``problem`` with the run's solver (folding kept Grams into sums first)."""
-    return options.solver.fn(prepare(problem, options), options.grid, options.params)
+    """Solve ``problem`` with the run's solver (folding kept Grams into sums first); a
+    solver that fits biases gets the layer's corrected bias in ``solution.bias``."""
+    solution = options.solver.fn(prepare(problem, options), options.grid, options.params)
+    if problem.merged_bias is not None and options.solver.fits_bias(options.params):
+        solution.bias = fitted_bias(problem, solution.weight, options)
+    return solution
+
+
+def fitted_bias(problem: LayerProblem, weight: Tensor, options: SolveOptions) -> Tensor:
+    """The bias of ``problem``'s linear once its weight is ``weight`` (quant/bias.py): toward
+    each task's expert (``W_i x̃ + b_i``) for expert targets, else the merged ``W_m x + b_m``."""
+    if problem.means is None or problem.merged_bias is None:
+        raise EpmqError(f"bias correction of {problem.name!r} needs the mean inputs and bias")
+    if options.solver.targets_are_experts(options.params):
+        if problem.experts is None or problem.expert_biases is None:
+            raise EpmqError(f"bias correction of {problem.name!r} needs the experts' biases")
+        targets = list(zip(problem.experts, problem.expert_biases, strict=True))
+    else:
+        targets = [(problem.merged, problem.merged_bias)] * len(problem.means)
+    return corrected_bias(
+        weight,
+        problem.means,
+        targets,
+        target_means=problem.target_means,
+        task_weights=options.task_weights,
+    )
 
 
 def input_scale(problems: Sequence[LayerProblem], options: SolveOptions) -> Tensor | None:

@@ -11,6 +11,8 @@ so a true-sequential pass only runs the block up to the group being solved.
 :class:`FoldedStatistics` folds each task's statistics into the two sums the solvers need
 (``S = Σ_i w_i H_i`` and, for E-PMQ, ``B = Σ_i w_i W_i H_i``) as soon as the task's batches are
 done, so the memory per linear does not grow with the number of tasks (quant/target.py).
+With ``means=True`` both also keep each task's mean inputs ``μ_i`` (and the expert stream's
+``μ̃_i`` with ``cross``), float64 vectors taken in the same pass (bias correction).
 """
 
 from __future__ import annotations
@@ -100,13 +102,21 @@ class LinearInputs:
 
 
 class TaskStatistics:
-    """Per-linear, per-task Gram accumulators (``cross=True`` for the expert X-source)."""
+    """Per-linear, per-task Gram accumulators (``cross=True`` for the expert X-source;
+    ``means=True`` also keeps the mean inputs)."""
 
     def __init__(
-        self, block: nn.Module, names: Sequence[str], tasks: Sequence[str], *, cross: bool
+        self,
+        block: nn.Module,
+        names: Sequence[str],
+        tasks: Sequence[str],
+        *,
+        cross: bool,
+        means: bool = False,
     ) -> None:
         self.tasks = list(tasks)
         self.cross = cross
+        self.keep_means = means
         self.device = module_device(block)  # statistics live where the block runs
         self.dims = {name: int(block.get_submodule(name).in_features) for name in names}
         self.acc: dict[str, dict[str, GramAccumulator]] = {name: {} for name in names}
@@ -122,7 +132,9 @@ class TaskStatistics:
     def _accumulator(self, name: str, task: str) -> GramAccumulator:
         accs = self.acc[name]
         if task not in accs:
-            accs[task] = GramAccumulator(self.dims[name], cross=self.cross, device=self.device)
+            accs[task] = GramAccumulator(
+                self.dims[name], cross=self.cross, device=self.device, means=self.keep_means
+            )
         return accs[task]
 
     def add(
@@ -147,7 +159,11 @@ class TaskStatistics:
                 first.add(x, xc)
                 continue
             batch = GramAccumulator(
-                first.dim, dtype=first.dtype, cross=self.cross, device=self.device
+                first.dim,
+                dtype=first.dtype,
+                cross=self.cross,
+                device=self.device,
+                means=self.keep_means,
             )
             batch.add(x, xc)
             for name in names:
@@ -166,6 +182,16 @@ class TaskStatistics:
     def counts(self, name: str) -> dict[str, int]:
         """Tokens seen per task for linear ``name``."""
         return {t: int(self.acc[name][t].count) for t in self.tasks}
+
+    def means(self, name: str) -> list[Tensor] | None:
+        """Per-task mean inputs ``μ_i`` of linear ``name`` (None: not kept)."""
+        found = [self.acc[name][t].mean for t in self.tasks]
+        return None if any(m is None for m in found) else found  # type: ignore[return-value]
+
+    def cross_means(self, name: str) -> list[Tensor] | None:
+        """Per-task mean expert-stream inputs ``μ̃_i`` (None: not kept, or no ``cross``)."""
+        found = [self.acc[name][t].cross_mean for t in self.tasks]
+        return None if any(m is None for m in found) else found  # type: ignore[return-value]
 
     def end_task(self, task: str) -> None:
         """All of ``task``'s batches were added (nothing to do: Grams are kept until the solve)."""
@@ -193,13 +219,17 @@ class FoldedStatistics(TaskStatistics):
         fold: Mapping[str, Sequence[Tensor] | None],
         task_weights: Sequence[float] | None = None,
         reduce: Callable[[TaskStatistics], None] | None = None,
+        means: bool = False,
     ) -> None:
-        super().__init__(block, names, tasks, cross=cross)
+        super().__init__(block, names, tasks, cross=cross, means=means)
         self.fold = fold
         self.task_weights = task_weights
         self.reduce = reduce
         self.folded: dict[str, TargetSums] = {}
         self._counts: dict[str, dict[str, int]] = {name: {} for name in self.acc}
+        self._means: dict[str, dict[str, tuple[Tensor | None, Tensor | None]]] = {
+            name: {} for name in self.acc
+        }
         for name, dim in self.dims.items():
             rows = 0 if fold[name] is None else int(block.get_submodule(name).out_features)
             self.folded[name] = TargetSums(rows, dim, device=self.device)
@@ -220,10 +250,21 @@ class FoldedStatistics(TaskStatistics):
             cross = acc.cross if weights is not None else None
             self.folded[name].add(acc.gram, weight, cross=cross, task_weight=w)
             self._counts[name][task] = int(acc.count)
+            self._means[name][task] = (acc.mean, acc.cross_mean)
 
     def counts(self, name: str) -> dict[str, int]:
         """Tokens seen per task for linear ``name``."""
         return dict(self._counts[name])
+
+    def means(self, name: str) -> list[Tensor] | None:
+        found = [self._means[name][t][0] for t in self.tasks if t in self._means[name]]
+        ok = len(found) == len(self.tasks) and all(m is not None for m in found)
+        return found if ok else None  # type: ignore[return-value]
+
+    def cross_means(self, name: str) -> list[Tensor] | None:
+        found = [self._means[name][t][1] for t in self.tasks if t in self._means[name]]
+        ok = len(found) == len(self.tasks) and all(m is not None for m in found)
+        return found if ok else None  # type: ignore[return-value]
 
     def grams(self, name: str) -> list[Tensor]:
         raise EpmqError("folded statistics keep no per-task Grams (use TaskStatistics)")

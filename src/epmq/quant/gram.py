@@ -5,6 +5,10 @@ and, for expert-activation targets, ``C_i = X_i^expert X_i^T / n_i``. Tokens arr
 of any leading shape ``[..., dim]``; the accumulator keeps *sums* and a token count, so
 batches of different sizes weigh by their token counts and distributed ranks can all-reduce
 the :meth:`GramAccumulator.state_dict` tensors with SUM (or call :meth:`merge_`).
+
+With ``means=True`` it also keeps the float64 token sums ``Σ_t x_t`` (and ``Σ_t x_t^expert``),
+so the per-task mean inputs ``μ_i`` (and ``μ̃_i``) come from the same pass (bias correction,
+quant/bias.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class GramAccumulator:
         dtype: accumulation dtype (float32 default, float64 on request).
         cross: also accumulate the cross statistic; :meth:`add` then needs ``x_cross``.
         device: where the sums live (default CPU); batches are moved there.
+        means: also accumulate the token sums (float64) for :attr:`mean` / :attr:`cross_mean`.
     """
 
     def __init__(
@@ -33,6 +38,7 @@ class GramAccumulator:
         dtype: torch.dtype = torch.float32,
         cross: bool = False,
         device: torch.device | str | None = None,
+        means: bool = False,
     ):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise EpmqError(f"GramAccumulator: dim must be a positive int, got {dim!r}")
@@ -42,6 +48,10 @@ class GramAccumulator:
         self.dtype = dtype
         self._gram_sum = torch.zeros(dim, dim, dtype=dtype, device=device)
         self._cross_sum = torch.zeros(dim, dim, dtype=dtype, device=device) if cross else None
+        self._x_sum = torch.zeros(dim, dtype=torch.float64, device=device) if means else None
+        self._cross_x_sum = (
+            torch.zeros(dim, dtype=torch.float64, device=device) if means and cross else None
+        )
         self._count = 0
 
     def add(self, x: Tensor, x_cross: Tensor | None = None) -> None:
@@ -64,6 +74,10 @@ class GramAccumulator:
                 )
             cross_rows = self._tokens(x_cross, "x_cross")
             self._cross_sum.addmm_(cross_rows.T, rows)  # sum_t xc_t x_t^T
+            if self._cross_x_sum is not None:
+                self._cross_x_sum.add_(cross_rows.sum(0, dtype=torch.float64))
+        if self._x_sum is not None:
+            self._x_sum.add_(rows.sum(0, dtype=torch.float64))
         self._gram_sum.addmm_(rows.T, rows)  # sum_t x_t x_t^T
         self._count += rows.shape[0]
 
@@ -100,6 +114,22 @@ class GramAccumulator:
         )
         return self._cross_sum / self._require_tokens()
 
+    @property
+    def mean(self) -> Tensor | None:
+        """``Σ_t x_t / n`` [dim] (float64), or None without ``means``."""
+        if self._x_sum is None:
+            return None
+        check_finite(self._x_sum, "GramAccumulator token sums (an input batch was not finite):")
+        return self._x_sum / self._require_tokens()
+
+    @property
+    def cross_mean(self) -> Tensor | None:
+        """``Σ_t x_t^cross / n`` [dim] (float64), or None without ``means`` and ``cross``."""
+        if self._cross_x_sum is None:
+            return None
+        check_finite(self._cross_x_sum, "GramAccumulator cross token sums (not finite):")
+        return self._cross_x_sum / self._require_tokens()
+
     def _require_tokens(self) -> int:
         if self._count == 0:
             raise EpmqError("GramAccumulator: no tokens were added")
@@ -116,13 +146,23 @@ class GramAccumulator:
         self._gram_sum.add_(other._gram_sum.to(self._gram_sum))
         if self._cross_sum is not None and other._cross_sum is not None:
             self._cross_sum.add_(other._cross_sum.to(self._cross_sum))
+        for mine, theirs in ((self._x_sum, other._x_sum), (self._cross_x_sum, other._cross_x_sum)):
+            if mine is not None:
+                if theirs is None:
+                    raise EpmqError("GramAccumulator.merge_: the other accumulator has no means")
+                mine.add_(theirs.to(mine))
         self._count += other._count
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Sums and count: ``gram_sum``, ``count`` (int64 scalar), and ``cross_sum`` if any."""
+        """Sums and count: ``gram_sum``, ``count`` (int64 scalar), and ``cross_sum``,
+        ``x_sum``, ``cross_x_sum`` if kept."""
         state = {"gram_sum": self._gram_sum, "count": torch.tensor(self._count)}
         if self._cross_sum is not None:
             state["cross_sum"] = self._cross_sum
+        if self._x_sum is not None:
+            state["x_sum"] = self._x_sum
+        if self._cross_x_sum is not None:
+            state["cross_x_sum"] = self._cross_x_sum
         return state
 
     @classmethod
@@ -141,11 +181,17 @@ class GramAccumulator:
             dtype=gram_sum.dtype,
             cross="cross_sum" in state,
             device=gram_sum.device,
+            means="x_sum" in state,
         )
         acc._gram_sum = gram_sum.clone()
         if acc._cross_sum is not None:
             if state["cross_sum"].shape != gram_sum.shape:
                 raise EpmqError("GramAccumulator state cross_sum has the wrong shape")
             acc._cross_sum = state["cross_sum"].to(gram_sum.dtype).clone()
+        for key in ("x_sum", "cross_x_sum"):
+            if key in state and getattr(acc, f"_{key}") is not None:
+                if state[key].shape != (acc.dim,):
+                    raise EpmqError(f"GramAccumulator state {key} has the wrong shape")
+                setattr(acc, f"_{key}", state[key].to(torch.float64).clone())
         acc._count = int(state["count"])
         return acc

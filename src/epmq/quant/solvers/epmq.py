@@ -6,6 +6,7 @@
 Without a grid no rounding happens and ``W*`` itself is written (the continuous target, a merge
 in its own right). ``target=merged`` replaces every expert weight by the merged one (the "does
 expert guidance matter?" ablation: targets ``W_m X_i``, and then ``W* = W_m``).
+``bias_correction`` then refits each linear's bias to the same targets (quant/bias.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from epmq.params import Param
 from epmq.quant.gptq import gptq
 from epmq.quant.grid import QuantGrid
 from epmq.quant.loss import proxy_loss
-from epmq.quant.solvers.gptq import GPTQ_PARAMS, gptq_settings
+from epmq.quant.solvers.gptq import BIAS_CORRECTION, GPTQ_PARAMS, fits_bias, gptq_settings
 from epmq.quant.solvers.norm_correction import NORM_CORRECTION, fits_norms
 from epmq.quant.solvers.registry import LayerProblem, LayerSolution, register_solver, solution_of
 from epmq.quant.target import target_from_sums
@@ -35,6 +36,7 @@ PARAMS = (
     ),
     *GPTQ_PARAMS,
     NORM_CORRECTION,
+    BIAS_CORRECTION,
 )  # fmt: skip
 
 
@@ -52,6 +54,7 @@ PARAMS = (
     expert_targets=lambda params: params["target"] == "expert",
     baseline="gptq",
     fits_norms=fits_norms,
+    fits_bias=fits_bias,
 )
 def epmq_solver(
     problem: LayerProblem, grid: QuantGrid | None, params: Mapping[str, Any]

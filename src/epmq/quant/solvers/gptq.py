@@ -2,7 +2,7 @@
 
 Calibration is drawn from every task, each task's Gram normalised so every task weighs the
 same unless ``w_i`` says otherwise. The settings (:data:`GPTQ_PARAMS`) are shared by every
-solver that rounds with GPTQ (E-PMQ).
+solver that rounds with GPTQ (E-PMQ); :data:`BIAS_CORRECTION` is shared with E-PMQ too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ GPTQ_PARAMS = (
     Param("static_groups", bool, False, "fit every group's scales up front (act-order)"),
 )
 
+#: Correct each solved linear's bias toward its targets' outputs (quant/bias.py).
+BIAS_CORRECTION = Param(
+    "bias_correction", bool, False, "refit each linear's bias to its targets' mean outputs",
+    label=lambda v: "bias-corrected" if v else None, slug=lambda v: "bias" if v else None,
+)  # fmt: skip
+
+
+def fits_bias(params: Mapping[str, Any]) -> bool:
+    """The ``fits_bias`` declaration of a solver taking :data:`BIAS_CORRECTION`."""
+    return bool(params["bias_correction"])
+
 
 def gptq_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     """The :func:`~epmq.quant.gptq` keyword arguments among a solver's ``params``."""
@@ -31,9 +42,10 @@ def gptq_settings(params: Mapping[str, Any]) -> dict[str, Any]:
 
 @register_solver(
     "gptq",
-    params=(*GPTQ_PARAMS, NORM_CORRECTION),
+    params=(*GPTQ_PARAMS, NORM_CORRECTION, BIAS_CORRECTION),
     summary="GPTQ of the merged weights",
     fits_norms=fits_norms,
+    fits_bias=fits_bias,
 )
 def gptq_solver(
     problem: LayerProblem, grid: QuantGrid | None, params: Mapping[str, Any]

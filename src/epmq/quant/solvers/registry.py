@@ -35,6 +35,14 @@ only these declarations (it never compares names):
 - ``fits_norms``: whether, with these parameters, the engine refits every norm's affine toward
   the experts' norm outputs before the linears reading it (``epmq.calib.norms``; the run then
   needs the experts);
+- ``target_stream``: ``experts`` (each task's target is its expert) or ``merge`` (the
+  full-precision merged model is every task's "expert": the engine snapshots each block before
+  solving it and runs the merged model's own activation stream beside the quantized one, so
+  ``B = Σ_i w_i W_m C_i`` with ``C_i = X_i^fp X_iᵀ / n_i``; the fp-target GPTQ baseline);
+- ``fits_bias(params)``: whether, after each linear with a bias is solved, the engine sets the
+  bias that best reproduces the targets' outputs on the calibration data (quant/bias.py: the
+  experts' ``W_i x̃ + b_i`` for expert targets, else the merged ``W_m x + b_m``); the engine
+  then also collects each task's mean inputs, in the same pass as the Grams;
 - ``baseline``: the solver this one improves on with the same grid and Hessian (E-PMQ: GPTQ);
   reports split the gain over it into a better target and less rounding loss.
 """
@@ -56,6 +64,7 @@ from epmq.quant.target import TargetSums
 X_SOURCES = ("quantized", "merged", "expert")
 GridNeed = Literal["required", "optional", "none"]
 StatisticsNeed = Literal["hessian", "target", "grams"]
+TargetStream = Literal["experts", "merge"]
 
 
 @dataclass
@@ -75,6 +84,12 @@ class LayerProblem:
     sums: TargetSums | None = None
     #: ``s`` from the solver's ``input_scales`` search: the layer will read ``x / s``
     input_scale: Tensor | None = None
+    #: bias correction (``fits_bias``): the merged bias, the experts' biases (None: no
+    #: experts), the per-task mean inputs ``μ_i`` and the targets' ``μ̃_i`` (None: ``μ_i``)
+    merged_bias: Tensor | None = None
+    expert_biases: list[Tensor] | None = None
+    means: list[Tensor] | None = None
+    target_means: list[Tensor] | None = None
 
 
 @dataclass
@@ -87,6 +102,8 @@ class LayerSolution:
     damping: float
     damping_retries: int
     seconds: float
+    #: the corrected bias (bias correction), None to keep the layer's
+    bias: Tensor | None = None
 
 
 SolveFn = Callable[[LayerProblem, QuantGrid | None, Mapping[str, Any]], LayerSolution]
@@ -119,12 +136,19 @@ class Solver(Declared):
     input_scales: ScaleSearch | None = None
     baseline: str | None = None
     fits_norms: ParamsTest = _never
+    fits_bias: ParamsTest = _never
+    target_stream: TargetStream = "experts"
 
     @property
     def studied(self) -> bool:
-        """Whether the solver fits expert-guided targets (``target`` statistics): the
-        X-source study and the α sweep of an experiment are about such solvers."""
-        return self.statistics == "target"
+        """Whether the solver fits expert-guided targets (``target`` statistics, the experts'
+        stream): the X-source study and the α sweep of an experiment are about such solvers."""
+        return self.statistics == "target" and self.target_stream == "experts"
+
+    def second_stream(self, x_source: str) -> bool:
+        """Whether a second activation stream runs beside the calibrated one: the experts'
+        (``x_source="expert"``) or the full-precision merge's (``target_stream="merge"``)."""
+        return x_source == "expert" or self.target_stream == "merge"
 
     @property
     def default_x_source(self) -> str:
@@ -163,9 +187,13 @@ class Solver(Declared):
             raise EpmqError(f"method {self.name!r} needs the experts' weights")
         return list(experts) if self.expert_targets(params) else [merged] * len(experts)
 
+    def targets_are_experts(self, params: Mapping[str, Any]) -> bool:
+        """Whether each task's target is its expert's outputs (else the merged model's)."""
+        return self.statistics == "target" and self.expert_targets(params)
+
     def cross_terms(self, params: Mapping[str, Any]) -> bool:
         """Whether B takes the expert stream's cross terms ``C_i`` (expert targets only)."""
-        return self.statistics == "target" and self.expert_targets(params)
+        return self.targets_are_experts(params)
 
 
 _REGISTRY: dict[str, Solver] = {}
@@ -187,6 +215,8 @@ def register_solver(
     input_scales: ScaleSearch | None = None,
     baseline: str | None = None,
     fits_norms: ParamsTest = _never,
+    fits_bias: ParamsTest = _never,
+    target_stream: TargetStream = "experts",
 ) -> Callable[[SolveFn], SolveFn]:
     """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
 
@@ -209,6 +239,8 @@ def register_solver(
             input_scales=input_scales,
             baseline=baseline,
             fits_norms=fits_norms,
+            fits_bias=fits_bias,
+            target_stream=target_stream,
         )
         return fn
 
