@@ -195,3 +195,28 @@ def test_fp_target_gptq_rows_sit_beside_gptq_and_epmq(cache_dir: Path, tmp_path:
     assert {r.quantizer for r in results.find(kind="quantized", study=None)} >= {"gptq", "epmq"}
     assert all(p.quantizer == "epmq" for p in results.sweeps["alpha"])
     assert "GPTQ (fp targets)" in (out / "report.md").read_text()
+
+
+def test_corrections_run_in_an_experiment(cache_dir: Path, tmp_path: Path) -> None:
+    """GPTQ with ``norm_correction`` reads the experts (the norms' targets) although GPTQ's
+    solve does not: the runner passes them whenever the solver says it needs them."""
+    corrections = {"norm_correction": True, "bias_correction": True}
+    config = parse_config(
+        {
+            "suite": "tiny",
+            "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+            "quantization": {
+                "methods": ["gptq", "epmq"],
+                "bits": [3],
+                "params": {"gptq": corrections, "epmq": corrections},
+                "evaluate_target": False,
+            },
+            "output": {"dir": str(tmp_path / "report")},
+        }
+    )
+    results, _ = run_session(
+        config, quick=True, cache_dir=cache_dir, progress=False, announce=lambda _: None
+    )
+    for quantizer in ("gptq", "epmq"):
+        (row,) = results.find(kind="quantized", quantizer=quantizer)
+        assert row.params["norm_correction"] and row.params["bias_correction"]

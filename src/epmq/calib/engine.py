@@ -172,7 +172,7 @@ def quantize_model(
         raise EpmqError("a statistics cache holds merged-stream statistics: use x_source='merged'")
     if solver.fits_norms(options.params):  # refitted norms change the merged stream
         stats_cache = None
-    required = solver.reads_experts or x_source == "expert" or solver.fits_norms(options.params)
+    required = solver.needs_experts(options.params, x_source)
     expert_list = None if calib is None else _experts(experts, tasks, required=required)
     check_finite_model(model)
     stages = adapter.stages(model)

@@ -229,7 +229,7 @@ def quantize_command(
     refuse_overlap(out, inputs)
     refuse_existing(out, force)
     norms = options.solver.fits_norms(options.params)
-    needs = options.solver.reads_experts or x_source == "expert" or norms
+    needs = options.solver.needs_experts(options.params, x_source)
     why = f"method {method}" if options.solver.reads_experts else "--x-source expert"
     why = "--param norm_correction=true" if norms and not options.solver.reads_experts else why
     _check_tasks(calib_files, expert_dirs, needs, why)

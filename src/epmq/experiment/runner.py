@@ -366,16 +366,18 @@ def _quantized_copy(
         )
     solver = get_solver(variant.quantizer or "")
     x_source = variant.x_source or solver.default_x_source
+    params = variant.params(config)
+    reads = solver.needs_experts(params, x_source)
     run = quantize_model(
         model,
         None,
         workload.calibration if solver.uses_inputs else None,
         method=solver,
         grid=grid,
-        experts=(sources or _expert_sources(workload)) if solver.reads_experts else None,
+        experts=(sources or _expert_sources(workload)) if reads else None,
         x_source=x_source,
         true_sequential=q.true_sequential,
-        **variant.params(config),
+        **params,
         engine=EngineOptions(
             progress=progress,
             stats_cache=cache if x_source == "merged" else None,

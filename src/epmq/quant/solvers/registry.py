@@ -150,6 +150,11 @@ class Solver(Declared):
         (``x_source="expert"``) or the full-precision merge's (``target_stream="merge"``)."""
         return x_source == "expert" or self.target_stream == "merge"
 
+    def needs_experts(self, params: Mapping[str, Any], x_source: str) -> bool:
+        """Whether a run with ``params`` and ``x_source`` reads the experts: its solve does,
+        their activation stream runs, or the norms are refitted toward theirs."""
+        return self.reads_experts or x_source == "expert" or self.fits_norms(params)
+
     @property
     def default_x_source(self) -> str:
         """Where its layer inputs come from unless the user says otherwise."""
