@@ -45,7 +45,7 @@ def test_sweep_and_study_run_on_the_first_merge_at_the_lowest_bits() -> None:
     }
     study = [v for v in plan if v.study == "x_source"]
     assert {v.quantizer for v in study} == {"epmq"}
-    assert {v.x_source for v in study} == {"merged", "expert"}
+    assert {v.x_source for v in study} == {"merged", "quantized"}  # E-PMQ's default: expert
     assert {v.merge for v in study} == {"task_arithmetic"}
 
 
