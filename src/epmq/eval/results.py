@@ -26,16 +26,20 @@ match the schema raises :class:`~epmq.errors.EpmqError` naming the file and the 
 from __future__ import annotations
 
 import json
-import os
-import platform
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from epmq.errors import EpmqError
+from epmq.eval.provenance import (
+    Machine,
+    StrictModel,
+    Versions,
+    collect_machine,
+    collect_versions,
+)
 from epmq.eval.results_v1 import from_version_1
 
 RowKind = Literal["pretrained", "expert", "merged", "target", "quantized"]
@@ -52,29 +56,7 @@ Bits = Annotated[int, Field(ge=1, le=16)]
 GroupSize = Annotated[int, Field(ge=1)]
 
 
-class _Strict(BaseModel):
-    # Validated when built or loaded (and by Results.add); plain attribute assignment is not
-    # re-validated, since pydantic would keep a value its model validator rejects.
-    model_config = ConfigDict(extra="forbid")
-
-
-class Versions(_Strict):
-    """Versions of the software that produced the results."""
-
-    epmq: str
-    torch: str | None = None
-    transformers: str | None = None
-    python: str
-
-
-class Machine(_Strict):
-    """Where the results were produced."""
-
-    cpu_count: int | None = None
-    platform: str
-
-
-class Row(_Strict):
+class Row(StrictModel):
     """One evaluated model and its accuracy on every task."""
 
     name: str = Field(min_length=1)
@@ -119,7 +101,7 @@ class Row(_Strict):
         return self.study is None
 
 
-class SweepPoint(_Strict):
+class SweepPoint(StrictModel):
     """One point of a sweep: a setting and the average accuracy it reached."""
 
     merge: str | None = None
@@ -136,7 +118,7 @@ class SweepPoint(_Strict):
         return self
 
 
-class Results(_Strict):
+class Results(StrictModel):
     """Everything one experiment measured; see the module docstring."""
 
     schema_version: Literal[2] = SCHEMA_VERSION
@@ -315,29 +297,6 @@ def load_results(path: str | Path) -> Results:
     except (OSError, UnicodeDecodeError) as err:
         raise EpmqError(f"{path}: cannot read results file ({err})") from None
     return Results.from_json(text, source=str(path))
-
-
-def collect_versions() -> Versions:
-    """Versions of epmq, torch, transformers and Python installed here."""
-    from epmq import __version__
-
-    def version_of(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return Versions(
-        epmq=__version__,
-        torch=version_of("torch"),
-        transformers=version_of("transformers"),
-        python=platform.python_version(),
-    )
-
-
-def collect_machine() -> Machine:
-    """CPU count and platform string of this machine."""
-    return Machine(cpu_count=os.cpu_count(), platform=platform.platform())
 
 
 def _check_rows(tasks: list[str], rows: list[Row]) -> None:
