@@ -390,3 +390,28 @@ def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=["text", "label"])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_project(root: Path, tasks: Sequence[str], **settings: Any) -> dict[str, Any]:
+    """A user's BERT project in ``root``: base, one expert per task, jsonl data and ``run.yaml``
+    (relative paths) with ``settings`` (``quantization``, ``output``) over the defaults below;
+    returns the config written."""
+    import yaml
+
+    family = BUILDERS["bert"](root, tasks)
+    entries = []
+    for task in tasks:
+        write_data(family, task, "jsonl", root / "data" / task)
+        entries.append({"name": task, "data": f"data/{task}", "format": "jsonl",
+                        "classes": list(CLASSES), "calib_size": 4})  # fmt: skip
+    config = {
+        "base": {"path": "base"},
+        "experts": [{"name": t, "path": f"expert_{t}", "task": t} for t in tasks],
+        "tasks": entries,
+        "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
+        "quantization": {"methods": ["rtn"], "bits": [8]},
+        "output": {"dir": "report"},
+        **settings,
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return config

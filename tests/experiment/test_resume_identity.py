@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from family_folders import BUILDERS, CLASSES, write_data
+from family_folders import write_project
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -60,21 +59,7 @@ def _edit_text(file: Path) -> None:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
-    family = BUILDERS["bert"](root, TASKS)
-    tasks = []
-    for task in TASKS:
-        write_data(family, task, "jsonl", root / "data" / task)
-        tasks.append({"name": task, "data": f"data/{task}", "format": "jsonl",
-                      "classes": list(CLASSES), "calib_size": 4})  # fmt: skip
-    config = {
-        "base": {"path": "base"},
-        "experts": [{"name": t, "path": f"expert_{t}", "task": t} for t in TASKS],
-        "tasks": tasks,
-        "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
-        "quantization": {"methods": ["rtn", "gptq"], "bits": [8]},
-        "output": {"dir": "report"},
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    write_project(root, TASKS, quantization={"methods": ["rtn", "gptq"], "bits": [8]})
     return root
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from family_folders import BUILDERS, CLASSES, write_data
+from family_folders import write_project
 
 from epmq.errors import EpmqError
 from epmq.experiment.config import parse_config
@@ -35,21 +35,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A user's project folder: run.yaml beside the base, experts and data (relative paths),
     and ``link``, a symbolic link to the base."""
     root = tmp_path_factory.mktemp("project")
-    family = BUILDERS["bert"](root, TASKS)
-    tasks = []
-    for task in TASKS:
-        write_data(family, task, "jsonl", root / "data" / task)
-        tasks.append({"name": task, "data": f"data/{task}", "format": "jsonl",
-                      "classes": list(CLASSES), "calib_size": 4})  # fmt: skip
-    config = {
-        "base": {"path": "base"},
-        "experts": [{"name": t, "path": f"expert_{t}", "task": t} for t in TASKS],
-        "tasks": tasks,
-        "merges": [{"method": "task_arithmetic", "params": {"scale": 0.5}}],
-        "quantization": {"methods": ["rtn"], "bits": [8]},
-        "output": {"dir": "report", "force": True},
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    write_project(root, TASKS, output={"dir": "report", "force": True})
     os.symlink("base", root / "link")
     return root
 

@@ -210,20 +210,13 @@ def register_solver(
     label: str = "",
     params: Sequence[Param] = (),
     summary: str = "",
-    grid: GridNeed = "required",
-    statistics: StatisticsNeed = "hessian",
-    reads_experts: bool = False,
-    uses_inputs: bool = True,
-    gram_inputs: Literal["model", "expert"] = "model",
     x_sources: Sequence[str] = X_SOURCES,
-    expert_targets: ExpertTargets = _always,
-    input_scales: ScaleSearch | None = None,
-    baseline: str | None = None,
-    fits_norms: ParamsTest = _never,
-    fits_bias: ParamsTest = _never,
-    target_stream: TargetStream = "experts",
+    **declarations: Any,
 ) -> Callable[[SolveFn], SolveFn]:
-    """Decorator: register ``fn`` as the solver ``name`` with its declarations."""
+    """Decorator: register ``fn`` as the solver ``name`` with its declarations: ``label``
+    (default the name in capitals), ``params``, ``summary`` (default the first line of its
+    docstring), ``x_sources`` (its default first) and any other :class:`Solver` field
+    (``grid``, ``statistics``, ``reads_experts``, ... : module docs)."""
 
     def decorate(fn: SolveFn) -> SolveFn:
         if name in _REGISTRY:
@@ -234,18 +227,8 @@ def register_solver(
             summary=summary or (fn.__doc__ or "").strip().splitlines()[0],
             fn=fn,
             label=label or name.upper(),
-            grid=grid,
-            statistics=statistics,
-            reads_experts=reads_experts,
-            uses_inputs=uses_inputs,
-            gram_inputs=gram_inputs,
             x_sources=tuple(x_sources),
-            expert_targets=expert_targets,
-            input_scales=input_scales,
-            baseline=baseline,
-            fits_norms=fits_norms,
-            fits_bias=fits_bias,
-            target_stream=target_stream,
+            **declarations,
         )
         return fn
 
