@@ -48,6 +48,10 @@ class ExpertSpec(_Strict):
     path: Path
     task: str
     head: Path | None = None  # default: <path>/head.safetensors
+    #: what a linear head file reads (its family's ``head_inputs``: text ``mean`` | ``cls`` |
+    #: ``pooler``; images ``pooled`` | ``normalized`` | ``projected`` | ``mean_patch``);
+    #: None: the family's default (text: the experiment's ``pooling``)
+    head_input: str | None = None
 
 
 class TaskSpec(_Strict):
@@ -219,6 +223,9 @@ class ExperimentConfig(_Strict):
     #: a model family's name (:func:`epmq.models.registry.families`); None: from the base
     family: str | None = None
     pooling: Literal["mean", "cls"] = "mean"
+    #: a task model's pooler (BERT's dense + tanh on the first token) is part of its head, one
+    #: per task; True merges the experts' poolers with the backbone instead
+    merge_pooler: bool = False
     image: ImageSpec | None = None
     #: where calibration and evaluation run: auto (a CUDA GPU when present), cpu, cuda[:N];
     #: the models wait in CPU memory and one block at a time is onloaded (calib/onload.py)

@@ -44,7 +44,7 @@ def config_family(config: ExperimentConfig) -> str:
 def head_options(config: ExperimentConfig) -> HeadOptions:
     """The config's settings the task heads read."""
     image = None if config.image is None else config.image.model_dump(exclude_none=True)
-    return HeadOptions(pooling=config.pooling, image=image)
+    return HeadOptions(pooling=config.pooling, image=image, merge_pooler=config.merge_pooler)
 
 
 def read_tasks(config: ExperimentConfig) -> dict[str, TaskData]:

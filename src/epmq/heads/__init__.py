@@ -16,12 +16,13 @@ import importlib
 from pathlib import Path
 
 from epmq.errors import EpmqError
-from epmq.heads.base import ExpertFields, FamilyTasks, HeadOptions, TaskFields
+from epmq.heads.base import ExpertFields, ExpertView, FamilyTasks, HeadOptions, TaskFields
 from epmq.models.adapter import BlockAdapter
 from epmq.models.registry import adapter_class
 
 __all__ = [
     "ExpertFields",
+    "ExpertView",
     "FamilyTasks",
     "HeadOptions",
     "TaskFields",

@@ -57,16 +57,40 @@ class ExpertFields(Protocol):
     def path(self) -> Path: ...
     @property
     def head(self) -> Path | None: ...
+    @property
+    def head_input(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    """An expert's fields as heads read them, e.g. with another ``head_input`` to try."""
+
+    name: str
+    path: Path
+    head: Path | None = None
+    head_input: str | None = None
+
+    @classmethod
+    def of(cls, expert: ExpertFields, **changes: Any) -> ExpertView:
+        fields = {
+            "name": expert.name,
+            "path": Path(expert.path),
+            "head": expert.head,
+            "head_input": expert.head_input,
+        }
+        return cls(**{**fields, **changes})
 
 
 @dataclass(frozen=True)
 class HeadOptions:
-    """Experiment-wide settings the heads read: the encoder's ``pooling`` and, for image
-    models whose folder has no ``preprocessor_config.json``, the ``image`` preprocessing
-    fields (``size``, ``crop_size``, ``mean``, ``std``)."""
+    """Experiment-wide settings the heads read: the encoder's ``pooling``, for image models
+    whose folder has no ``preprocessor_config.json`` the ``image`` preprocessing fields
+    (``size``, ``crop_size``, ``mean``, ``std``), and whether task models' poolers are merged
+    (``merge_pooler``) rather than kept per task in their heads."""
 
     pooling: Literal["mean", "cls"] = "mean"
     image: Mapping[str, Any] | None = None
+    merge_pooler: bool = False
 
 
 class FamilyTasks:
@@ -77,6 +101,9 @@ class FamilyTasks:
     """
 
     modality: str = "text"
+    #: the values an expert's ``head_input`` may take for a linear head file (what features
+    #: the head reads); empty when the family has no linear heads in files
+    head_inputs: tuple[str, ...] = ()
 
     def __init__(self, adapter: type[BlockAdapter], base_dir: Path, options: HeadOptions) -> None:
         self.adapter = adapter
