@@ -124,3 +124,18 @@ def test_same_config_read_from_another_directory_is_the_same(
     dotted = load_config("../project/run.yaml").model_dump(mode="json")
     assert inside == beside == dotted
     assert inside["base"]["path"] == str((tmp_path / "project").resolve() / "models" / "base")
+
+
+def test_calibration_examples_default_and_task_override() -> None:
+    from epmq.experiment.folders import calib_size
+
+    tasks = [
+        {"name": "a", "data": "a.csv", "format": "csv"},
+        {"name": "b", "data": "b.csv", "format": "csv", "calib_size": 9},
+    ]
+    experts = [{"name": t, "path": t, "task": t} for t in "ab"]
+    common = {"base": {"path": "m"}, "experts": experts, "tasks": tasks}
+    plain = parse_config(common)
+    assert [calib_size(t, plain) for t in plain.tasks] == [128, 9]
+    chosen = parse_config({**common, "calibration": {"examples": 32}})
+    assert [calib_size(t, chosen) for t in chosen.tasks] == [32, 9]

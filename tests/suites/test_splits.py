@@ -85,3 +85,15 @@ def test_derived_seed_is_stable() -> None:
     assert derived_seed(0, "task") == derived_seed(0, "task")
     assert derived_seed(0, "task") != derived_seed(1, "task")
     assert derived_seed(0, "task") == 2206762292854691041
+
+
+def test_calibration_texts_cut_or_top_up_from_train() -> None:
+    texts, labels = _pool()
+    task = build_task("t", ["a", "b", "c", "d"], texts, labels, sizes=(100, 20, 50), seed=0)
+    assert task.calibration_texts() == task.calib.texts
+    assert task.calibration_texts(8) == task.calib.texts[:8]
+    more = task.calibration_texts(50)
+    assert more[:20] == task.calib.texts and more[20:] == task.train.texts[:30]
+    assert not set(more) & set(task.test.texts)  # never the test split
+    with pytest.raises(EpmqError, match="120"):
+        task.calibration_texts(121)

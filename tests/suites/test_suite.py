@@ -147,3 +147,11 @@ def test_calibration_batches(prepared: tuple[Suite, SuiteModels]) -> None:
     assert out.shape[:2] == batches[0]["input_ids"].shape
     with pytest.raises(EpmqError, match="batch_size"):
         suite.calibration_batches("tiny_topic", batch_size=0)
+
+
+def test_calibration_examples_per_task(prepared: tuple[Suite, SuiteModels]) -> None:
+    suite, _ = prepared
+    n_calib = suite.settings["n_calib"]
+    for examples in (5, n_calib + 7):
+        batches = suite.calibration_batches("tiny_topic", batch_size=8, examples=examples)
+        assert sum(b["input_ids"].shape[0] for b in batches) == examples

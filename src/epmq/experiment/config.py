@@ -65,7 +65,7 @@ class TaskSpec(_Strict):
     label_column: str = "label"
     image_column: str = "image"
     classes: list[str] | None = None
-    calib_size: int = Field(128, ge=1)
+    calib_size: int | None = Field(None, ge=1)  # None: calibration.examples, else 128
     test_size: int | None = Field(None, ge=1)
     max_length: int = Field(128, ge=1)
     prompt: str | None = None
@@ -99,9 +99,13 @@ class ImageSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    """How calibration examples are batched (their number is each task's ``calib_size``)."""
+    """How many calibration examples each task gives and how they are batched."""
 
     batch_size: int = Field(16, ge=1)
+    #: examples per task (a task's ``calib_size`` overrides it); None: 128 for a user's
+    #: tasks, a built-in suite's calibration split as prepared; a suite tops a larger number
+    #: up from its training split (:meth:`epmq.suites.task.Task.calibration_texts`)
+    examples: int | None = Field(None, ge=1)
 
 
 class MergeSpec(_Strict):

@@ -81,6 +81,12 @@ def warn_shared_examples(data: TaskData, calib: Examples, test: Examples) -> Non
         )
 
 
+def calib_size(task: TaskSpec, config: ExperimentConfig) -> int:
+    """How many calibration examples ``task`` gives: its ``calib_size``, else the config's
+    ``calibration.examples``, else 128."""
+    return task.calib_size or config.calibration.examples or 128
+
+
 def test_limit(task: TaskSpec, config: ExperimentConfig) -> int | None:
     """How many test examples of ``task`` are evaluated (None: all)."""
     limits = [n for n in (task.test_size, config.evaluation.max_test) if n is not None]
@@ -101,7 +107,7 @@ def folder_workload(config: ExperimentConfig) -> Workload:
     experts = {e.task: e for e in config.experts}
     names = [t.name for t in config.tasks]
     heads = {t: logic.head(specs[t], data[t], experts[t]) for t in names}
-    calib = {t: data[t].calibration(specs[t].calib_size, seed=config.seed) for t in names}
+    calib = {t: data[t].calibration(calib_size(specs[t], config), seed=config.seed) for t in names}
     calibration = {
         t: logic.calibration_batches(specs[t], heads[t], calib[t], config.calibration.batch_size)
         for t in names

@@ -45,6 +45,7 @@ def build_workload(
         config.suite,
         quick=quick,
         cache_dir=cache_dir,
+        calib_examples=config.calibration.examples,
         eval_batch_size=config.evaluation.batch_size,
         max_test=config.evaluation.max_test,
         progress=progress,

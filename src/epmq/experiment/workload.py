@@ -42,11 +42,13 @@ def suite_workload(
     quick: bool = False,
     cache_dir: Path | None = None,
     calib_batch_size: int = 32,
+    calib_examples: int | None = None,
     eval_batch_size: int = 64,
     max_test: int | None = None,
     progress: bool = True,
 ) -> Workload:
-    """Build the workload of a built-in suite, training or loading its experts."""
+    """Build the workload of a built-in suite, training or loading its experts;
+    ``calib_examples`` per task calibrate (None: each task's calibration split)."""
     import time
 
     from epmq.eval.accuracy import evaluate_accuracy
@@ -77,10 +79,15 @@ def suite_workload(
         base_dir=Path(suite.base_dir),
         expert_dirs={t: Path(models.expert_dirs[t]) for t in names},
         heads={t: suite.load_head(models.expert_dirs[t]) for t in names},
-        calibration={t: suite.calibration_batches(t, batch_size=calib_batch_size) for t in names},
+        calibration={
+            t: suite.calibration_batches(t, batch_size=calib_batch_size, examples=calib_examples)
+            for t in names
+        },
         load_encoder=suite.load_encoder,
         evaluate=evaluate,
         probe_heads=dict(models.probe_heads),
-        settings=dict(suite.settings),
+        settings={**suite.settings, "calib_examples": calib_examples}
+        if calib_examples is not None
+        else dict(suite.settings),
         timings={"prepare_suite": prepared},
     )

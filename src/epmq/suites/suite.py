@@ -181,17 +181,22 @@ class Suite:
         return classifier.load_head(expert_dir)
 
     def calibration_batches(
-        self, task: str | Task, tokenizer: Any = None, batch_size: int = 16
+        self,
+        task: str | Task,
+        tokenizer: Any = None,
+        batch_size: int = 16,
+        examples: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Tokenized calibration inputs of one task for the encoder, length-sorted and
-        dynamically padded: dicts with ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+        dynamically padded: dicts with ``input_ids``, ``attention_mask``, ``token_type_ids``;
+        ``examples`` of them (:meth:`Task.calibration_texts`; None: the calibration split)."""
         if batch_size < 1:
             raise EpmqError(f"batch_size must be >= 1, got {batch_size}")
         task = self.task(task)
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
         encoded = encode(
             tokenizer,
-            task.calib.texts,
+            task.calibration_texts(examples),
             max_length=task.max_length,
             truncation_side=task.truncation_side,
         )

@@ -48,6 +48,22 @@ class Task:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def calibration_texts(self, examples: int | None = None) -> tuple[str, ...]:
+        """The texts calibration reads: the calibration split, cut to its first ``examples``,
+        or topped up with the training split's first examples when more are asked (the
+        experts' own training data; the test split is never read). None: the split as is."""
+        if examples is None:
+            return self.calib.texts
+        if examples < 1:
+            raise EpmqError(f"task {self.name}: calibration examples must be >= 1")
+        pool = self.calib.texts + self.train.texts
+        if examples > len(pool):
+            raise EpmqError(
+                f"task {self.name}: {examples} calibration examples asked, but its calibration "
+                f"and training splits hold {len(pool)}"
+            )
+        return pool[:examples]
+
     def split(self, name: str) -> Split:
         """The split called ``train``, ``calib`` or ``test``."""
         if name not in ("train", "calib", "test"):
