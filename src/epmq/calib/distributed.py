@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -181,7 +182,8 @@ def launched_group(device: torch.device | None) -> Iterator[tuple[int, int]]:
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a long timeout: under ``epmq run`` rank 0 evaluates each model while the others wait
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
     try:
         yield dist.get_rank(), dist.get_world_size()
         dist.barrier()

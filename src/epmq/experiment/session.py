@@ -102,8 +102,35 @@ def run_session(
     The run is journalled (:mod:`epmq.experiment.journal`) in a partial folder that survives
     an error or an interrupt; ``resume=True`` continues such a stopped run from its last
     finished model when its settings and inputs (:func:`input_fingerprint`) are unchanged,
-    ``force`` discards it.
+    ``force`` discards it. Under ``torchrun`` every rank runs it with its share of the
+    calibration data and rank 0 writes everything (:mod:`epmq.experiment.ranks`).
     """
+    from epmq.calib.distributed import launched_group
+    from epmq.devices import resolve_device
+
+    with launched_group(resolve_device(config.device)) as (rank, world):
+        if rank != 0:
+            return _run_other_rank(config, rank, world, quick=quick, cache_dir=cache_dir)
+        return _run_rank0(
+            config, world, quick=quick, cache_dir=cache_dir, force=force, resume=resume,
+            progress=progress, announce=announce,
+        )  # fmt: skip
+
+
+def _run_rank0(
+    config: ExperimentConfig,
+    world: int,
+    *,
+    quick: bool,
+    cache_dir: Path | None,
+    force: bool,
+    resume: bool,
+    progress: bool,
+    announce: Callable[[str], None],
+) -> tuple[Results, Path]:
+    """The whole run in one process, or rank 0's part of it under ``torchrun``."""
+    from epmq.experiment.ranks import barrier, rank_workload, share_journal
+
     out = Path(config.output.dir)
     force = force or config.output.force
     refuse_overlap(out, session_inputs(config, cache_dir))
@@ -113,6 +140,10 @@ def run_session(
     started = time.perf_counter()
     announce(f"epmq: preparing workload {config.suite or config.name!r}")
     workload = build_workload(config, quick=quick, cache_dir=cache_dir, progress=progress)
+    barrier(world)  # the other ranks load the workload rank 0 prepared
+    if world > 1:
+        workload = rank_workload(workload, 0, world)
+        announce(f"epmq: calibrating on {world} ranks")
     announce(f"epmq: {len(workload.tasks)} tasks: {', '.join(workload.tasks)}")
     from epmq.eval.report import render_markdown, write_report
 
@@ -128,6 +159,8 @@ def run_session(
     # first model): the journal then starts afresh and every export is rewritten.
     with output_dir(out, force=force, resumable=True, resume=resume) as partial:
         journal = Journal(partial, fingerprint, resume=resuming)
+        if world > 1:
+            share_journal(journal, 0)
         if journal.done:
             announce(f"epmq: resuming {partial}: {journal.done} models already finished")
         exporter = VariantExporter(config, workload, partial / "exports", journal)
@@ -156,6 +189,21 @@ def run_session(
     announce(render_markdown(results).split("\n## ")[0])
     announce(f"epmq: report written to {out}")
     return results, out
+
+
+def _run_other_rank(
+    config: ExperimentConfig, rank: int, world: int, *, quick: bool, cache_dir: Path | None
+) -> tuple[Results, Path]:
+    """Rank ``rank`` (not 0) under ``torchrun``: the same models as rank 0, on its share of
+    the calibration data; it evaluates and writes nothing."""
+    from epmq.experiment.ranks import barrier, rank_workload, share_journal
+
+    barrier(world)  # after rank 0 prepared the workload (a suite may train its experts)
+    workload = build_workload(config, quick=quick, cache_dir=cache_dir, progress=False)
+    workload = rank_workload(workload, rank, world)
+    journal = share_journal(None, rank)
+    results = run_experiment(config, workload, announce=lambda _: None, journal=journal)
+    return results, Path(config.output.dir)
 
 
 def _config_yaml(config: ExperimentConfig) -> str:
