@@ -19,7 +19,7 @@ from pathlib import Path
 
 from epmq.atomic import write_bytes, write_json, write_text
 from epmq.errors import EpmqError
-from epmq.eval.gains import gain_lines, gap_lines, sweep_lines
+from epmq.eval.gains import gain_lines, gap_lines, sweep_lines, task_weight_lines
 from epmq.eval.markdown import bits_label, param_labels, pct, table
 from epmq.eval.plots import (
     PLOT_FILES,
@@ -146,6 +146,7 @@ def render_markdown(
     lines += [*gap_lines(results, gap_threshold), ""]
     lines += [*gain_lines(results, gap_threshold), ""]
     lines += [*sweep_lines(results), ""]
+    lines += task_weight_lines(results)
     if plots is not None:
         lines += ["## Plots", ""]
         for plot in plots:
