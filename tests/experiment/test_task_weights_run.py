@@ -65,16 +65,15 @@ def test_auto_weights_reach_every_solve_and_the_report(
     monkeypatch.setattr(
         task_weights, "distances", lambda *a, **k: measured.append(1) or real(*a, **k)
     )
-    results, seen = _run(
-        _config(task_weights="auto", task_weights_study=True), workload, monkeypatch
-    )
+    config = _config(task_weights="auto", task_weights_study=True, task_weight_rounds=0)
+    results, seen = _run(config, workload, monkeypatch)
     tasks = results.tasks
     epmq = results.quantized("task_arithmetic", "epmq", 3, None)
     assert epmq is not None and epmq.task_weights is not None
     chosen = epmq.task_weights
     assert chosen.setting == "auto" and list(chosen.weights) == tasks
     assert sum(chosen.weights.values()) == pytest.approx(len(tasks))
-    assert len(chosen.rounds) == 1  # round 0 only (the default rounds)
+    assert len(chosen.rounds) == 1  # round 0 only
     values = [chosen.weights[t] for t in tasks]
     assert values != [1.0] * len(tasks)
     calls, settings = seen[epmq.name]
@@ -103,7 +102,7 @@ def test_auto_weights_reach_every_solve_and_the_report(
 def test_a_fixed_point_round_quantizes_with_round_0s_weights_first(
     workload: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(methods=["epmq"], task_weights="auto", task_weight_rounds=1)
+    config = _config(methods=["epmq"], task_weights="auto")  # one round by default
     results, seen = _run(config, workload, monkeypatch)
     row = results.quantized("task_arithmetic", "epmq", 3, None)
     assert row is not None and row.task_weights is not None
@@ -169,5 +168,26 @@ def test_bad_task_weights_exit_2_with_one_line(
 
 def test_given_weights_and_the_defaults() -> None:
     assert _config().quantization.task_weights == "uniform"
-    assert _config().quantization.task_weight_rounds == 0
+    assert _config().quantization.task_weight_rounds == 1
     assert _config(task_weights={"a": 2}).quantization.task_weights == {"a": 2.0}
+
+
+def test_the_study_pairs_every_guided_row_with_the_other_weighting() -> None:
+    from epmq.experiment.plan import plan_experiment
+
+    config = parse_config(
+        {
+            "suite": "tiny",
+            "merges": [{"method": "task_arithmetic"}, {"method": "ties"}],
+            "quantization": {"bits": [4, 3], "task_weights": "auto", "task_weights_study": True},
+        }
+    )
+    plan = plan_experiment(config)
+    study = [v for v in plan if v.study == "task_weights"]
+    assert {(v.merge, v.quantizer, v.bits) for v in study} == {
+        (m, "epmq", b) for m in ("task_arithmetic", "ties") for b in (4, 3)
+    }
+    assert all(v.weights_setting(config) == "uniform" for v in study)
+    assert all(v.weights_setting(config) == "auto" for v in plan if v.study is None)
+    assert len({v.name for v in plan}) == len(plan) and len({v.slug for v in plan}) == len(plan)
+    assert study[0].slug.endswith("-weights-uniform")
