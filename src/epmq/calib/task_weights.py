@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from epmq.calib.capture import map_tensors
+from epmq.calib.distributed import group_ready
 from epmq.calib.onload import Onloaded
 from epmq.errors import EpmqError
 from epmq.models.adapter import Batch, BlockAdapter, StopForward
@@ -145,15 +147,21 @@ def distances(
     device: torch.device | None = None,
 ) -> dict[str, float]:
     """``d_i``: the relative output error of ``model`` against expert i on task i's
-    calibration batches, ``Σ‖f − f_i‖² / Σ‖f_i‖²`` over real tokens (see the module docs)."""
-    found: dict[str, float] = {}
-    for task, batches in calib.items():
+    calibration batches, ``Σ‖f − f_i‖² / Σ‖f_i‖²`` over real tokens (see the module docs).
+    Under ``torch.distributed`` (each rank holding a shard of the batches) both sums are
+    summed over the ranks, so every rank gets the same distances, hence the same weights."""
+    sums = torch.zeros(len(calib), 2, dtype=torch.float64)  # per task: error, norm
+    for t, (task, batches) in enumerate(calib.items()):
         got = backbone_outputs(model, adapter, batches, device)
         want = experts.by_task[task]
-        error = sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want, strict=True))
-        norm = sum(float((w**2).sum()) for w in want)
-        found[task] = error / norm if norm > 0 else 0.0
-    return found
+        sums[t, 0] = sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want, strict=True))
+        sums[t, 1] = sum(float((w**2).sum()) for w in want)
+    if group_ready():
+        dist.all_reduce(sums)
+    return {
+        task: float(error / norm) if norm > 0 else 0.0
+        for task, (error, norm) in zip(calib, sums.tolist(), strict=True)
+    }
 
 
 def initial_weights(found: Mapping[str, float]) -> dict[str, float]:
