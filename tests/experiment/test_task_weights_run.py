@@ -97,6 +97,7 @@ def test_auto_weights_reach_every_solve_and_the_report(
     assert "| auto − uniform |" in section
     worst = min(epmq.accuracy.values())
     assert f"| auto | {100 * worst:.1f} (" in section
+    assert "auto task weights" in report[: report.index("## Task weights")]  # the main table
 
 
 def test_a_fixed_point_round_quantizes_with_round_0s_weights_first(

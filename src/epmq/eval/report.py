@@ -55,6 +55,8 @@ def describe(row: Row) -> str:
     parts += param_labels(row.quantizer, row.params)
     if row.x_source is not None:
         parts.append(f"X={row.x_source}")
+    if row.task_weights is not None and row.task_weights.setting != "uniform":
+        parts.append(f"{row.task_weights.setting} task weights")
     if row.study is not None:
         parts.append(f"{row.study.replace('_', '-')} study")
     return ", ".join(parts)
