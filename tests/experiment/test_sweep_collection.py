@@ -2,7 +2,7 @@
 
 from epmq.eval.results import Results, Row
 from epmq.experiment.config import parse_config
-from epmq.experiment.runner import _collect_sweep_from_rows
+from epmq.experiment.plan import collect_sweep_from_rows
 
 
 def test_only_the_first_merges_rows_join_the_sweep() -> None:
@@ -23,7 +23,7 @@ def test_only_the_first_merges_rows_join_the_sweep() -> None:
                     params={"alpha": 0.1, "target": "expert"}, accuracy={"a": acc},
                 )
             )  # fmt: skip
-    _collect_sweep_from_rows(results, config)
+    collect_sweep_from_rows(results, config)
     points = results.sweeps["alpha"]
     assert [(p.merge, p.bits, p.params["alpha"], p.average) for p in points] == [
         ("task_arithmetic", 3, 0.1, 0.6)

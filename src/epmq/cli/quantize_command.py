@@ -3,6 +3,7 @@
     epmq quantize --model DIR --method NAME --bits 4 [--group-size 128] [--symmetric] \\
         [--param name=value ...] [--x-source quantized|merged|expert] \\
         [--expert TASK=DIR ...] --calib TASK=FILE [--calib ...] [--calib-size 128] \\
+        [--task-weights uniform|auto|TASK=W,TASK=W] \\
         [--max-length 128] [--format compressed-tensors|gptq|gptq-v1|dequantized] \\
         --out DIR [--force] [--resume]
 
@@ -78,6 +79,31 @@ def _solve_options(
     params = {name: value for name, value in shorthands.items() if value is not None}
     params.update(solver.parse(assignments))
     return SolveOptions.of(solver, params, grid)
+
+
+def _task_weights(text: str, tasks: list[str]) -> str | dict[str, float]:
+    """``--task-weights``: ``uniform``, ``auto`` or ``TASK=W,TASK=W`` (a task not named
+    weighs 1), checked against the calibration tasks (calib/task_weights.py)."""
+    from epmq.calib.task_weights import AUTO, UNIFORM, check_task_weights
+
+    setting: str | dict[str, float] = text
+    if text not in (UNIFORM, AUTO):
+        setting = {}
+        for part in text.split(","):
+            task, sep, value = (piece.strip() for piece in part.partition("="))
+            try:
+                if not (sep and task):
+                    raise ValueError(part)
+                setting[task] = float(value)
+            except ValueError:
+                raise EpmqError(
+                    f"--task-weights must be uniform, auto or TASK=W[,TASK=W...], got {part!r}"
+                ) from None
+    try:
+        check_task_weights(setting, tasks)
+    except EpmqError as exc:
+        raise EpmqError(f"--task-weights: {exc}") from None
+    return setting
 
 
 def _describe_solvers() -> str:
@@ -161,6 +187,14 @@ def quantize_command(
     expert: Annotated[
         list[str] | None, typer.Option("--expert", help="TASK=DIR expert folder; repeat.")
     ] = None,
+    task_weights: Annotated[
+        str,
+        typer.Option(
+            "--task-weights",
+            help="Per-task weights: uniform, auto (by each expert's distance from the model) "
+            "or TASK=W,TASK=W (a task not named weighs 1).",
+        ),
+    ] = "uniform",
     calib_size: Annotated[int, typer.Option("--calib-size", help="Examples per task.")] = 128,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch.")] = 8,
@@ -232,6 +266,9 @@ def quantize_command(
     needs = options.solver.needs_experts(options.params, x_source)
     why = f"method {method}" if options.solver.reads_experts else "--x-source expert"
     why = "--param norm_correction=true" if norms and not options.solver.reads_experts else why
+    weights = _task_weights(task_weights, list(calib_files))
+    if weights == "auto" and not needs:
+        needs, why = True, "--task-weights auto"
     _check_tasks(calib_files, expert_dirs, needs, why)
     grouped_act_order = options.params.get("act_order") and group_size > 0
     if grouped_act_order and fmt == "compressed-tensors" and not options.params["static_groups"]:
@@ -246,6 +283,6 @@ def quantize_command(
         tokenizer or model, seed,
     )  # fmt: skip
     engine = EngineSettings(
-        x_source, resume, progress, resolve_device(device), _model_dtype(model_dtype)
+        x_source, resume, progress, resolve_device(device), _model_dtype(model_dtype), weights
     )
     run_quantize(model, out, options, data, ExportSettings(fmt, dtype, force), engine)

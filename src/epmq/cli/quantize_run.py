@@ -60,13 +60,15 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How the engine runs: X-source, resume, progress, device, the model's dtype."""
+    """How the engine runs: X-source, resume, progress, device, the model's dtype, and the
+    ``--task-weights`` setting (calib/task_weights.py)."""
 
     x_source: str
     resume: bool
     progress: bool
     device: torch.device | None
     model_dtype: torch.dtype | None
+    task_weights: str | dict[str, float] = "uniform"
 
 
 def _checkpoint_identity(
@@ -86,6 +88,33 @@ def _checkpoint_identity(
         "--batch-size": data.batch_size, "--text-field": data.text_field,
         "--model-dtype": str(engine.model_dtype), **input_identities(inputs),
     }  # fmt: skip
+
+
+def _task_weights(
+    model: Any, batches: Any, data: CalibrationFiles, engine: EngineSettings, calibrate: Any
+) -> list[float] | None:
+    """The weights of ``--task-weights`` in task order, measured on every calibration batch
+    (before a distributed run shards them); ``auto``'s rounds quantize copies of the model."""
+    import copy
+
+    from epmq.calib import EngineOptions
+    from epmq.calib.task_weights import TaskWeighting
+
+    def load_expert(task: str) -> Any:
+        expert = _load(data.experts[task])[0]
+        return expert if engine.model_dtype is None else expert.to(engine.model_dtype)
+
+    def build(weights: list[float]) -> Any:
+        target = copy.deepcopy(model)
+        calibrate(target, weights, EngineOptions(progress=False, device=engine.device))
+        return target
+
+    weighting = TaskWeighting(batches, load_expert, device=engine.device)
+    chosen = weighting.choose(engine.task_weights, "model", model, build)
+    if chosen.setting == "auto":
+        shown = ", ".join(f"{t}={w:.3f}" for t, w in chosen.weights.items())
+        typer.echo(f"task weights (auto): {shown}")
+    return chosen.values
 
 
 def run_quantize(
@@ -121,6 +150,15 @@ def run_quantize(
     )  # fmt: skip
     experts = {t: SafetensorsExpert(d, name=t) for t, d in data.experts.items()} or None
     method = options.method
+
+    def calibrate(target: Any, weights: list[float] | None, settings: EngineOptions) -> Any:
+        return quantize_model(
+            target, adapter, batches, method=options.solver, grid=options.grid,
+            experts=experts, x_source=engine.x_source, task_weights=weights,
+            **options.params, engine=settings,
+        )  # fmt: skip
+
+    weights = _task_weights(model, batches, data, engine, calibrate)
     identity = _checkpoint_identity(model_dir, data, engine) if engine.resume else None
     with launched_group(engine.device) as (rank, world):  # under torchrun: one shard per rank
         checkpoint = resume_dir(out) if engine.resume else None
@@ -134,16 +172,10 @@ def run_quantize(
                 f"quantizing {n_linears} linear layers of {model_dir} ({family}) with {method}"
                 + (f" on {world} ranks" if world > 1 else "")
             )
-        run = quantize_model(
+        run = calibrate(
             model,
-            adapter,
-            batches,
-            method=options.solver,
-            grid=options.grid,
-            experts=experts,
-            x_source=engine.x_source,
-            **options.params,
-            engine=EngineOptions(
+            weights,
+            EngineOptions(
                 checkpoint_dir=checkpoint,
                 checkpoint_identity=identity,
                 progress=engine.progress and rank == 0,

@@ -270,3 +270,61 @@ def sweep_lines(results: Results) -> list[str]:
             lines += ["", f"{quant_label(baseline)} at this setting: {pct(average(found))}."]
         lines.append("")
     return lines
+
+
+TASK_WEIGHTS_STUDY = "task_weights"
+"""The study comparing task weightings (uniform vs auto); experiment/plan.py plans it."""
+
+
+def _weights_label(row: Row) -> str:
+    return "uniform" if row.task_weights is None else row.task_weights.setting
+
+
+def task_weight_lines(results: Results) -> list[str]:
+    """The task-weights study: per study row and the row it varies (same merge, quantizer,
+    grid, X-source and parameters), the worst task's accuracy and the average under each
+    weighting, and the weights ``auto`` chose. Empty when the results hold no such study."""
+    studied = [r for r in results.rows if r.study == TASK_WEIGHTS_STUDY]
+    if not studied:
+        return []
+    body = []
+    for row in studied:
+        twins = results.find(
+            kind="quantized", merge=row.merge, bits=row.bits, group_size=row.group_size
+        )
+        base = next(
+            (r for r in twins if r.is_primary and _variant_key(r) == _variant_key(row)), None
+        )
+        pair = sorted([r for r in (base, row) if r is not None], key=_weights_label, reverse=True)
+        for r in pair:  # uniform first, then auto / given
+            worst = min(r.accuracy, key=lambda t: r.accuracy[t])
+            chosen = r.task_weights.weights if r.task_weights is not None else {}
+            body.append(
+                [
+                    r.merge or "?",
+                    bits_label(r.bits or 0, r.group_size),
+                    _variant_label(_variant_key(r)),
+                    _weights_label(r),
+                    f"{pct(r.accuracy[worst])} ({worst})",
+                    pct(average(r)),
+                    ", ".join(f"{t} {w:.2f}" for t, w in chosen.items()) or "1 each",
+                ]
+            )
+        if len(pair) == 2:
+            low = [min(r.accuracy.values()) for r in pair]
+            mean = [average(r) for r in pair]
+            body.append(
+                ["", "", f"{_weights_label(pair[1])} − {_weights_label(pair[0])}", "",
+                 pts(100 * (low[1] - low[0])), pts(100 * (mean[1] - mean[0])), ""]
+            )  # fmt: skip
+    header = ["merge", "setting", "variant", "weights", "worst task", "average", "w_i"]
+    return [
+        "## Task weights: does `auto` lift the worst task?",
+        "",
+        "Each studied row beside the same model calibrated with the other weighting"
+        " (`quantization.task_weights`); *worst task*: the lowest per-task accuracy in %,"
+        " the last line of a pair its change in points.",
+        "",
+        *table(header, body),
+        "",
+    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from epmq.atomic import write_bytes, write_json, write_text
 from epmq.errors import EpmqError
-from epmq.eval.gains import gain_lines, gap_lines, sweep_lines
+from epmq.eval.gains import gain_lines, gap_lines, sweep_lines, task_weight_lines
 from epmq.eval.markdown import bits_label, param_labels, pct, table
 from epmq.eval.plots import (
     PLOT_FILES,
@@ -55,6 +55,8 @@ def describe(row: Row) -> str:
     parts += param_labels(row.quantizer, row.params)
     if row.x_source is not None:
         parts.append(f"X={row.x_source}")
+    if row.task_weights is not None and row.task_weights.setting != "uniform":
+        parts.append(f"{row.task_weights.setting} task weights")
     if row.study is not None:
         parts.append(f"{row.study.replace('_', '-')} study")
     return ", ".join(parts)
@@ -146,6 +148,7 @@ def render_markdown(
     lines += [*gap_lines(results, gap_threshold), ""]
     lines += [*gain_lines(results, gap_threshold), ""]
     lines += [*sweep_lines(results), ""]
+    lines += task_weight_lines(results)
     if plots is not None:
         lines += ["## Plots", ""]
         for plot in plots:

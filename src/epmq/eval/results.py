@@ -56,6 +56,16 @@ Bits = Annotated[int, Field(ge=1, le=16)]
 GroupSize = Annotated[int, Field(ge=1)]
 
 
+class TaskWeights(StrictModel):
+    """The per-task weights ``w_i`` a row's model was calibrated with, how they were chosen
+    (``quantization.task_weights``: ``uniform``, ``auto`` or ``given``) and, for ``auto``,
+    the distances ``d_i`` of each round (round 0: the full-precision merge's)."""
+
+    setting: Literal["uniform", "auto", "given"]
+    weights: dict[str, Annotated[float, Field(ge=0.0, allow_inf_nan=False)]]
+    rounds: list[dict[str, float]] = Field(default_factory=list)
+
+
 class Row(StrictModel):
     """One evaluated model and its accuracy on every task."""
 
@@ -68,6 +78,7 @@ class Row(StrictModel):
     x_source: XSource | None = None
     params: dict[str, ParamValue] = Field(default_factory=dict)
     study: str | None = None
+    task_weights: TaskWeights | None = None  # None: not recorded (every task 1)
     accuracy: dict[str, Accuracy]
     size_bytes: Annotated[int, Field(ge=0)] | None = None
     seconds: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
@@ -355,6 +366,7 @@ __all__ = [
     "Row",
     "RowKind",
     "SweepPoint",
+    "TaskWeights",
     "Versions",
     "XSource",
     "average",

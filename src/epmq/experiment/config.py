@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from epmq.calib.task_weights import AUTO_ROUNDS, check_task_weights
 from epmq.devices import DEVICE_CHOICES
 from epmq.errors import EpmqError
 from epmq.models.registry import families
@@ -142,6 +143,21 @@ class QuantizationSpec(_Strict):
     alpha_sweep: list[float] = Field(default_factory=list)
     x_source_study: bool = False
     evaluate_target: bool = True
+    #: per-task weights w_i: uniform (1 each), auto (by each expert's distance from the
+    #: model, calib/task_weights.py) or {task: w} (a task not named weighs 1); the study
+    #: adds the other of uniform / auto beside every studied solver's rows
+    task_weights: Literal["uniform", "auto"] | dict[str, float] = "uniform"
+    task_weight_rounds: int = Field(AUTO_ROUNDS, ge=0)
+    task_weights_study: bool = False
+
+    @field_validator("task_weights", mode="before")
+    @classmethod
+    def _task_weights_valid(cls, setting: Any) -> Any:
+        try:
+            check_task_weights(setting)
+        except EpmqError as exc:
+            raise ValueError(str(exc)) from None
+        return setting
 
     @field_validator("methods")
     @classmethod
@@ -323,6 +339,10 @@ class ExperimentConfig(_Strict):
         names = [e.name for e in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"expert names must be unique, got {names}")
+        try:
+            check_task_weights(self.quantization.task_weights, task_names)
+        except EpmqError as exc:
+            raise ValueError(f"quantization.task_weights: {exc}") from None
         return self
 
 

@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from epmq.calib.task_weights import AUTO, UNIFORM, TaskWeightSetting
+from epmq.eval.gains import TASK_WEIGHTS_STUDY
+from epmq.eval.results import ALPHA_SWEEP, Results, SweepPoint, average
 from epmq.experiment.config import ExperimentConfig
 from epmq.quant.solvers import get_solver
 from epmq.quant.solvers.registry import X_SOURCES
@@ -32,9 +35,10 @@ class Variant:
     sets itself (the α sweep's α and target; else the config's parameters apply), ``x_source``
     where its inputs come from (solvers fitting expert-guided targets). ``study`` names the
     study a variant belongs to: the α sweep's points (:data:`SWEEP`, reported as sweep points)
-    or the X-source study's rows (:data:`X_SOURCE_STUDY`); None for the main table. :attr:`name`
-    is its label in reports, :attr:`slug` its folder name; both come from the solver's
-    declarations.
+    or the X-source study's rows (:data:`X_SOURCE_STUDY`), or the task-weights study's
+    (:data:`TASK_WEIGHTS_STUDY`, ``task_weights`` naming their setting: ``uniform`` or
+    ``auto``; None: the config's); None for the main table. :attr:`name` is its label in
+    reports, :attr:`slug` its folder name; both come from the solver's declarations.
     """
 
     merge: str
@@ -45,6 +49,7 @@ class Variant:
     x_source: str | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
     study: str | None = None
+    task_weights: str | None = None
 
     @property
     def sweep(self) -> str | None:
@@ -54,6 +59,8 @@ class Variant:
     def _described(self, shown: list[str], x_label: str) -> list[str]:
         if self.study == X_SOURCE_STUDY:
             shown.insert(min(1, len(shown)), x_label)
+        if self.study == TASK_WEIGHTS_STUDY:
+            shown.append(f"weights={self.task_weights}")
         return shown
 
     @property
@@ -76,7 +83,8 @@ class Variant:
             parts.append(f"g{self.group_size}")
         if self.quantizer is not None:
             solver = get_solver(self.quantizer)
-            parts += self._described(solver.slugs(dict(self.overrides)), f"x-{self.x_source}")
+            shown = self._described(solver.slugs(dict(self.overrides)), f"x-{self.x_source}")
+            parts += [part.replace("weights=", "weights-") for part in shown]
         return re.sub(r"[^A-Za-z0-9_.=-]+", "-", "-".join(parts))
 
     def params(self, config: ExperimentConfig) -> dict[str, Any]:
@@ -84,6 +92,10 @@ class Variant:
         if self.quantizer is None:
             return {}
         return config.quantization.solver_params(self.quantizer, **dict(self.overrides))
+
+    def weights_setting(self, config: ExperimentConfig) -> TaskWeightSetting:
+        """The task weights this variant is calibrated with: its study's, else the config's."""
+        return self.task_weights or config.quantization.task_weights  # type: ignore[return-value]
 
 
 def plan_experiment(config: ExperimentConfig) -> list[Variant]:
@@ -102,6 +114,13 @@ def plan_experiment(config: ExperimentConfig) -> list[Variant]:
             for group in q.group_sizes:
                 for method in q.methods:
                     variants.append(_variant(config, name, method, bits=bits, group_size=group))
+        if q.task_weights_study:
+            other = UNIFORM if q.task_weights == AUTO else AUTO
+            variants += [
+                replace(v, study=TASK_WEIGHTS_STUDY, task_weights=other)
+                for v in variants
+                if v.merge == name and v.kind == "quantized" and v.x_source is not None
+            ]  # the rows of solvers fitting expert-guided targets (they record an X-source)
         study_bits, study_group = min(q.bits), q.group_sizes[0]
         guided = [m for m in q.methods if get_solver(m).studied] if studied else []
         for method in guided:
@@ -142,3 +161,51 @@ def _dedupe(config: ExperimentConfig, variants: list[Variant]) -> list[Variant]:
         seen.add(key)
         out.append(v)
     return out
+
+
+def sweep_point(
+    variant: Variant, config: ExperimentConfig, accuracy: dict[str, float]
+) -> SweepPoint:
+    """The α-sweep point ``variant`` measured (its average over the tasks)."""
+    return SweepPoint(
+        merge=variant.merge,
+        bits=variant.bits,
+        group_size=None if variant.group_size in (None, -1) else variant.group_size,
+        quantizer=variant.quantizer,
+        x_source=variant.x_source,  # type: ignore[arg-type]
+        params=variant.params(config),
+        average=sum(accuracy.values()) / len(accuracy),
+    )
+
+
+def collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None:
+    """Table rows that are also sweep points (deduplicated in the plan) join the sweep."""
+    q = config.quantization
+    if not q.alpha_sweep:
+        return
+    bits, group = min(q.bits), q.group_sizes[0]
+    group_size = None if group == -1 else group
+    sweep = results.sweeps.setdefault(ALPHA_SWEEP, [])
+    studied = config.merges[0].method  # the sweep runs on the first merge only (see plan)
+    rows = [
+        row
+        for method in q.methods
+        if get_solver(method).studied
+        for row in results.find(
+            kind="quantized", quantizer=method, bits=bits, group_size=group_size, merge=studied
+        )
+    ]
+    for row in rows:
+        if row.is_primary and row.params.get("alpha") in q.alpha_sweep:
+            sweep.append(
+                SweepPoint(
+                    merge=row.merge,
+                    bits=bits,
+                    group_size=group_size,
+                    quantizer=row.quantizer,
+                    x_source=row.x_source,
+                    params=row.params,
+                    average=average(row),
+                )
+            )
+    sweep.sort(key=lambda p: (p.merge or "", str(p.params.get("target")), p.params.get("alpha", 0)))

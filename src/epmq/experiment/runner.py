@@ -18,6 +18,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,19 @@ from epmq.calib.expert_cache import CacheBudget, CachedExpert
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.onload import Onloaded
 from epmq.calib.stats_cache import StatsCache
+from epmq.calib.task_weights import ChosenWeights, TaskWeighting, check_task_weights
 from epmq.devices import resolve_device
-from epmq.eval.results import ALPHA_SWEEP, Results, Row, SweepPoint, average
+from epmq.errors import EpmqError
+from epmq.eval.results import ALPHA_SWEEP, Results, Row, TaskWeights, average
 from epmq.experiment.config import ExperimentConfig, MergeSpec
 from epmq.experiment.journal import Journal
-from epmq.experiment.plan import SWEEP, Variant, plan_experiment
+from epmq.experiment.plan import (
+    SWEEP,
+    Variant,
+    collect_sweep_from_rows,
+    plan_experiment,
+    sweep_point,
+)
 from epmq.experiment.workload import Workload
 from epmq.models import adapter_for
 from epmq.models.adapter import check_group_sizes
@@ -93,6 +102,7 @@ def run_experiment(
 
     variants = plan_experiment(config)
     sources = _expert_sources(workload)
+    weighting = _task_weighting(config, workload)
     for merge in config.merges:
         todo = [v for v in variants if v.merge == merge.method]
         pending = [v for v in todo if journal is None or not journal.has(v.name)]
@@ -107,10 +117,12 @@ def run_experiment(
                 merged = _build_merge(merge, base, workload, config, progress, sources)
                 cache = StatsCache() if sum(_reads_merged(v) for v in pending) > 1 else None
             clock = time.perf_counter()
-            model, run = (
-                (merged, None)
+            model, run, chosen = (
+                (merged, None, None)
                 if variant.kind == "merged"
-                else _quantized_copy(merged, variant, workload, config, progress, cache, sources)
+                else _weighted_copy(
+                    merged, variant, workload, config, progress, cache, sources, weighting
+                )
             )
             _tally(results, "variants_build", time.perf_counter() - clock)
             if on_model is not None:
@@ -120,17 +132,17 @@ def run_experiment(
             _tally(results, "variants_evaluate", time.perf_counter() - evaluating)
             seconds = time.perf_counter() - clock
             if variant.sweep == SWEEP:
-                point = _sweep_point(variant, config, accuracy)
+                point = sweep_point(variant, config, accuracy)
                 results.sweeps.setdefault(ALPHA_SWEEP, []).append(point)
                 announce(f"  sweep {variant.name}: {100 * _mean(accuracy):.1f}")
                 if journal is not None:
                     journal.add_point(variant.name, point)
             else:
-                row = _row(variant, config, seconds)
+                row = _row(variant, config, seconds, chosen)
                 _add_row(results, row, lambda a=accuracy: a, announce, seconds, journal=journal)
         if cache is not None:
             cache.close()
-    _collect_sweep_from_rows(results, config)
+    collect_sweep_from_rows(results, config)
     results.timings["experiment"] = time.perf_counter() - started
     return results
 
@@ -220,7 +232,9 @@ def _expert_accuracy(config: ExperimentConfig, workload: Workload) -> dict[str, 
     return accuracy
 
 
-def _row(variant: Variant, config: ExperimentConfig, seconds: float) -> Row:
+def _row(
+    variant: Variant, config: ExperimentConfig, seconds: float, chosen: ChosenWeights | None
+) -> Row:
     return Row(
         name=variant.name,
         kind=variant.kind,  # type: ignore[arg-type]
@@ -231,56 +245,10 @@ def _row(variant: Variant, config: ExperimentConfig, seconds: float) -> Row:
         x_source=variant.x_source,  # type: ignore[arg-type]
         params=variant.params(config),
         study=variant.study,
+        task_weights=None if chosen is None else TaskWeights.model_validate(asdict(chosen)),
         accuracy={},
         seconds=seconds,
     )
-
-
-def _sweep_point(
-    variant: Variant, config: ExperimentConfig, accuracy: dict[str, float]
-) -> SweepPoint:
-    return SweepPoint(
-        merge=variant.merge,
-        bits=variant.bits,
-        group_size=None if variant.group_size in (None, -1) else variant.group_size,
-        quantizer=variant.quantizer,
-        x_source=variant.x_source,  # type: ignore[arg-type]
-        params=variant.params(config),
-        average=_mean(accuracy),
-    )
-
-
-def _collect_sweep_from_rows(results: Results, config: ExperimentConfig) -> None:
-    """Table rows that are also sweep points (deduplicated in the plan) join the sweep."""
-    q = config.quantization
-    if not q.alpha_sweep:
-        return
-    bits, group = min(q.bits), q.group_sizes[0]
-    group_size = None if group == -1 else group
-    sweep = results.sweeps.setdefault(ALPHA_SWEEP, [])
-    studied = config.merges[0].method  # the sweep runs on the first merge only (see plan)
-    rows = [
-        row
-        for method in q.methods
-        if get_solver(method).studied
-        for row in results.find(
-            kind="quantized", quantizer=method, bits=bits, group_size=group_size, merge=studied
-        )
-    ]
-    for row in rows:
-        if row.is_primary and row.params.get("alpha") in q.alpha_sweep:
-            sweep.append(
-                SweepPoint(
-                    merge=row.merge,
-                    bits=bits,
-                    group_size=group_size,
-                    quantizer=row.quantizer,
-                    x_source=row.x_source,
-                    params=row.params,
-                    average=average(row),
-                )
-            )
-    sweep.sort(key=lambda p: (p.merge or "", str(p.params.get("target")), p.params.get("alpha", 0)))
 
 
 def _build_merge(
@@ -339,6 +307,40 @@ def _expert_sources(workload: Workload) -> list[ExpertWeights]:
     ]
 
 
+def _task_weighting(config: ExperimentConfig, workload: Workload) -> TaskWeighting:
+    """The experiment's task weights (the config's tasks checked against the workload's)."""
+    try:
+        check_task_weights(config.quantization.task_weights, workload.tasks)
+    except EpmqError as exc:
+        raise EpmqError(f"{config.where('quantization.task_weights')}: {exc}") from None
+    load = lambda task: _load(config, workload, workload.expert_dirs[task])  # noqa: E731
+    rounds, device = config.quantization.task_weight_rounds, resolve_device(config.device)
+    return TaskWeighting(workload.calibration, load, rounds=rounds, device=device)
+
+
+def _weighted_copy(
+    merged: nn.Module,
+    variant: Variant,
+    workload: Workload,
+    config: ExperimentConfig,
+    progress: bool,
+    cache: StatsCache | None,
+    sources: list[ExpertWeights],
+    weighting: TaskWeighting,
+) -> tuple[nn.Module, CalibrationRun, ChosenWeights | None]:
+    """:func:`_quantized_copy` with the variant's task weights (none for RTN: no data)."""
+    if not get_solver(variant.quantizer or "").uses_inputs:
+        return (*_quantized_copy(merged, variant, workload, config, progress, cache, sources), None)
+
+    def build(weights: list[float]) -> nn.Module:
+        args = (merged, variant, workload, config, False, cache, sources, weights)
+        return _quantized_copy(*args)[0]
+
+    chosen = weighting.choose(variant.weights_setting(config), variant.merge, merged, build)
+    args = (merged, variant, workload, config, progress, cache, sources, chosen.values)
+    return (*_quantized_copy(*args), chosen)
+
+
 def _quantized_copy(
     merged: nn.Module,
     variant: Variant,
@@ -347,6 +349,7 @@ def _quantized_copy(
     progress: bool,
     cache: StatsCache | None = None,
     sources: list[ExpertWeights] | None = None,
+    task_weights: list[float] | None = None,
 ) -> tuple[nn.Module, CalibrationRun]:
     """A copy of ``merged`` rounded (or retargeted) as ``variant`` says, and its run.
 
@@ -376,6 +379,7 @@ def _quantized_copy(
         grid=grid,
         experts=(sources or _expert_sources(workload)) if reads else None,
         x_source=x_source,
+        task_weights=task_weights,
         true_sequential=q.true_sequential,
         **params,
         engine=EngineOptions(
