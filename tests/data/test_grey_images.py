@@ -1,5 +1,6 @@
 """Grey vision models (``num_channels: 1``): images of either kind become what the model takes,
-and normalisation statistics must have one entry per channel."""
+and normalisation statistics must have one entry per channel; and ViT processor configs'
+square resize."""
 
 from __future__ import annotations
 
@@ -85,3 +86,17 @@ def test_a_grey_model_given_rgb_statistics_names_the_field(tmp_path: Path) -> No
     assert (grey.mean, grey.std, grey.num_channels) == ((0.5,), (0.25,), 1)
     with pytest.raises(EpmqError, match="num_channels 4 is not supported"):
         ImagePreprocessing(mean=(0.5,) * 4, std=(0.25,) * 4, num_channels=4)
+
+
+def test_vit_processor_config_resizes_the_whole_image(tmp_path: Path) -> None:
+    """ViTImageProcessor's {height, width} resize (no crop), its reference output."""
+    cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    reference = cls(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    reference.save_pretrained(tmp_path)
+    prep = ImagePreprocessing.from_folder(tmp_path)
+    assert prep is not None and prep.crop_size is None
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (21, 30, 3), np.uint8))
+    want = reference(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(prep.pixel_values([image]), want, rtol=0, atol=1e-5)
+    with pytest.raises(EpmqError, match="images are preprocessed to 16×16 but the model takes 32"):
+        prep.check_model_size(32, "model")

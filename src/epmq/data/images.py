@@ -8,7 +8,8 @@ grey "L" for a model with ``num_channels: 1``), resize so the shortest edge is `
 and normalise with ``mean`` and ``std`` (one number per channel). Pillow does the resizing, as
 the processor's PIL backend does, so results match it up to float rounding. Colour images given
 to a grey model become grey by Pillow's luma transform (L = 0.299 R + 0.587 G + 0.114 B); grey
-images given to a colour model are repeated over R, G and B.
+images given to a colour model are repeated over R, G and B. A ``ViTImageProcessor`` config
+(``size: {height: N, width: N}``, no crop) resizes the whole image to N × N instead.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class ImagePreprocessing:
     rescale_factor: float = 1 / 255
     resample: int = BICUBIC
     num_channels: int = 3
+    #: resize to ``size`` × ``size`` whatever the aspect (ViTImageProcessor's
+    #: ``{height, width}``) instead of the shortest edge to ``size``
+    square_resize: bool = False
 
     def __post_init__(self) -> None:
         for name in ("size", "crop_size"):
@@ -126,27 +130,28 @@ class ImagePreprocessing:
             raise EpmqError(f"{path}: not a readable JSON file ({exc})") from None
         if not isinstance(config, dict):
             raise EpmqError(f"{path}: expected a JSON object")
-        size = _edge(config.get("size", 224), path, "size")
+        size, square = _edge(config.get("size", 224), path, "size")
         crop = _crop(config.get("crop_size", 224), path)
+        # ViTImageProcessor resizes to {height, width} and writes no crop: none by default
+        center_crop = config.get("do_center_crop", not square)
         normalise = config.get("do_normalize", True)
         rescale = config.get("rescale_factor", 1 / 255) if config.get("do_rescale", True) else 1.0
         count = num_channels
         try:
             if normalise:
-                mean = _statistics(
-                    config.get("image_mean"), CLIP_MEAN, f"{path}: image_mean", count
-                )
+                mean = _statistics(config.get("image_mean"), CLIP_MEAN, "image_mean", count)
                 std = _statistics(config.get("image_std"), CLIP_STD, "image_std", count)
             else:
                 mean, std = [0.0] * count, [1.0] * count
             return cls(
                 size=size if config.get("do_resize", True) else None,
-                crop_size=crop if config.get("do_center_crop", True) else None,
+                crop_size=crop if center_crop else None,
                 mean=tuple(mean),
                 std=tuple(std),
                 rescale_factor=float(rescale),
                 resample=int(config.get("resample", BICUBIC)),
                 num_channels=count,
+                square_resize=square,
             )
         except (EpmqError, TypeError, ValueError) as exc:
             raise EpmqError(f"{path}: {_detail(exc)}") from None
@@ -180,7 +185,9 @@ class ImagePreprocessing:
         """Convert one image to the model's channels, resize and crop it; ``[H, W, 3]`` (RGB)
         or ``[H, W]`` (grey) uint8."""
         image = image.convert(MODES[self.num_channels])
-        if self.size is not None:
+        if self.size is not None and self.square_resize:
+            image = image.resize((self.size, self.size), resample=self.resample)
+        elif self.size is not None:
             width, height = image.size
             short, long = (width, height) if width <= height else (height, width)
             new_long = int(self.size * long / short)
@@ -200,6 +207,8 @@ class ImagePreprocessing:
         Without a crop the output size depends on each image, so there is nothing to check.
         """
         side = self.crop_size
+        if side is None and self.square_resize:
+            side = self.size
         if side is not None and side != image_size:
             raise EpmqError(
                 f"{where}: images are preprocessed to {side}×{side} but the model takes "
@@ -207,17 +216,23 @@ class ImagePreprocessing:
             )
 
 
-def _edge(value: Any, path: Path, field: str) -> int:
-    """``size`` as written by CLIPImageProcessor: an int or ``{"shortest_edge": N}``."""
+def _edge(value: Any, path: Path, field: str) -> tuple[int, bool]:
+    """``size`` as written by CLIPImageProcessor (an int or ``{"shortest_edge": N}``: the
+    shortest edge) or by ViTImageProcessor (a square ``{"height": N, "width": N}``: the whole
+    image); the size and whether it is the whole image's."""
     if isinstance(value, Mapping):
-        if {k for k, v in value.items() if v is not None} == {"shortest_edge"}:
-            return int(value["shortest_edge"])
+        given = {k for k, v in value.items() if v is not None}
+        if given == {"shortest_edge"}:
+            return int(value["shortest_edge"]), False
+        if given == {"height", "width"} and value["height"] == value["width"]:
+            return int(value["height"]), True
         raise EpmqError(
             f"{path}: {field} {dict(value)} is not supported; "
-            "only shortest-edge resizing ({'shortest_edge': N}) is"
+            "only shortest-edge ({'shortest_edge': N}) and square ({'height': N, 'width': N}) "
+            "resizing are"
         )
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return value, False
     raise EpmqError(f"{path}: {field} must be an integer or {{'shortest_edge': N}}, got {value!r}")
 
 
