@@ -17,7 +17,7 @@ from epmq.models.registry import model_types
 
 def test_every_family_declares_a_loader_and_task_heads() -> None:
     found = families()
-    assert set(found) == {"bert", "clip", "t5", "llama"}
+    assert set(found) == {"bert", "clip", "t5", "llama", "vit"}
     for name, adapter in found.items():
         assert adapter.family == name and adapter.model_types
         assert adapter.load is not BlockAdapter.load, name

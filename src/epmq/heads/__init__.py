@@ -1,7 +1,10 @@
 """Task heads per model family: how a user's classification task is fed to a model and scored.
 
 - ``bert``: linear head file on the pooled encoder output (:mod:`epmq.heads.encoder`);
-- ``clip``: zero-shot text heads or linear heads on image embeddings (:mod:`epmq.heads.clip`);
+- ``clip``: zero-shot text heads, linear heads on image features or a
+  ``CLIPForImageClassification``'s classifier (:mod:`epmq.heads.clip`);
+- ``vit``: linear heads or a ``ViTForImageClassification``'s classifier (:mod:`epmq.heads.vit`);
+  both image families share :mod:`epmq.heads.images`;
 - ``t5``: label words scored by the decoder; ``llama``: label words scored as continuations
   (:mod:`epmq.heads.text_to_text`).
 

@@ -9,9 +9,12 @@ block's inputs are the pre-layernorm'ed patch embeddings, captured as the model 
 Linears per block, in true-sequential order: ``self_attn.{q,k,v}_proj``,
 ``self_attn.out_proj``, ``mlp.fc1``, ``mlp.fc2``.
 
+A ``CLIPForImageClassification`` folder (``vision_model.*`` and ``classifier.*``) loads as that
+class; its blocks sit at ``vision_model.encoder.layers.N`` too.
+
 Heads: :func:`zero_shot_head` builds a task's classifier from class names and prompt templates
-through the pretrained text encoder; :func:`image_features` gives the normalised image
-embeddings it (or any linear head trained on them) reads.
+through the pretrained text encoder; :func:`image_features` gives the image features it (the
+normalised image embeddings) or a linear head reads (:data:`FEATURE_KINDS`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ _GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 _CLASSES = ("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
+#: a fine-tuned image classifier: ``vision_model.*`` (the tower) and ``classifier.*`` (the head)
+IMAGE_CLASSIFIER = "CLIPForImageClassification"
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
@@ -87,7 +92,8 @@ class ClipVisionAdapter(BlockAdapter):
 def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
     """Load a CLIP model from a local folder (no hub access), in eval mode.
 
-    The class follows ``config.json``: ``model_type`` ``clip`` → ``CLIPModel``;
+    The class follows ``config.json``: ``model_type`` ``clip`` → ``CLIPModel`` (or
+    ``CLIPForImageClassification`` when ``architectures`` names it);
     ``clip_vision_model`` → the class named in ``architectures`` (``CLIPVisionModel`` or
     ``CLIPVisionModelWithProjection``; ``CLIPVisionModel`` when none is named). A
     compressed-tensors export loads dequantized (:func:`~epmq.models.folder.from_folder`).
@@ -99,7 +105,10 @@ def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type == "clip":
-        name = "CLIPModel"
+        # a fine-tuned classifier keeps CLIPModel's config (text tower included) but not its
+        # text tower's weights: it loads as what it is
+        classifier = IMAGE_CLASSIFIER in (config.get("architectures") or [])
+        name = IMAGE_CLASSIFIER if classifier else "CLIPModel"
     elif model_type == "clip_vision_model":
         named = [a for a in config.get("architectures") or [] if a in _CLASSES[1:]]
         name = named[0] if named else "CLIPVisionModel"
@@ -114,8 +123,24 @@ def load_clip(path: str | Path, **kwargs: Any) -> nn.Module:
 
 
 # -- heads ------------------------------------------------------------------------------------
+#: what a linear head on a CLIP vision tower reads (an expert's ``head_input``):
+#: ``normalized`` the L2-normalised image embedding (through a visual projection when there is
+#: one: FusionBench's heads and zero-shot heads), ``pooled`` the raw ``pooler_output``
+#: (post-layernorm class token, what a plain ``nn.Linear`` on ``CLIPVisionModel`` is usually
+#: trained on), ``projected`` the pooled output through the visual projection, not normalised,
+#: ``mean_patch`` the mean of the patch tokens of ``last_hidden_state`` (class token left out:
+#: what ``CLIPForImageClassification`` feeds its classifier)
+FEATURE_KINDS = ("normalized", "pooled", "projected", "mean_patch")
+
+
 def _normalize(x: Tensor) -> Tensor:
     return x / x.norm(p=2, dim=-1, keepdim=True)
+
+
+def own_projection(model: nn.Module) -> nn.Module | None:
+    """The model's own ``visual_projection`` (``CLIPModel``, ``CLIPVisionModelWithProjection``)."""
+    found = getattr(model, "visual_projection", None)
+    return found if isinstance(found, nn.Module) else None
 
 
 @torch.no_grad()
@@ -124,25 +149,34 @@ def image_features(
     pixel_values: Tensor,
     projection: nn.Module | None = None,
     *,
-    normalize: bool = True,
+    reads: str = "normalized",
 ) -> Tensor:
-    """Image embeddings ``[batch, dim]`` of a CLIP vision model (L2-normalised by default).
+    """Image features ``[batch, dim]`` of a CLIP vision model, of kind ``reads``
+    (:data:`FEATURE_KINDS`; default the L2-normalised image embeddings).
 
     ``CLIPModel`` and ``CLIPVisionModelWithProjection`` apply their own visual projection; a
     bare ``CLIPVisionModel`` gives its pooled output, projected by ``projection`` when given
     (e.g. the pretrained ``CLIPModel.visual_projection``, as FusionBench does).
     """
+    if reads not in FEATURE_KINDS:
+        raise EpmqError(f"unknown CLIP image feature {reads!r} (known: {', '.join(FEATURE_KINDS)})")
     parameter = next(model.parameters())
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-    if hasattr(model, "get_image_features") and hasattr(model, "visual_projection"):
-        embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
-    elif hasattr(model, "visual_projection"):
-        embeds = model(pixel_values=pixel_values).image_embeds
-    else:
-        embeds = model(pixel_values=pixel_values).pooler_output
-        if projection is not None:
-            embeds = projection(embeds.to(next(projection.parameters()).device))
-    return _normalize(embeds) if normalize else embeds
+    outputs = vision_tower(model)(pixel_values=pixel_values)
+    if reads == "mean_patch":
+        return outputs.last_hidden_state[:, 1:].mean(dim=1)
+    embeds = outputs.pooler_output
+    if reads == "pooled":
+        return embeds
+    projection = own_projection(model) or projection
+    if projection is not None:
+        embeds = projection(embeds.to(next(projection.parameters()).device))
+    elif reads == "projected":
+        raise EpmqError(
+            f"{type(model).__name__} has no visual_projection, and none was given: there is no "
+            "projected image feature"
+        )
+    return _normalize(embeds) if reads == "normalized" else embeds
 
 
 def _prompt(template: Template, class_name: str) -> str:
@@ -194,9 +228,12 @@ def classify(
     head: nn.Module,
     pixel_values: Tensor,
     projection: nn.Module | None = None,
+    *,
+    reads: str = "normalized",
 ) -> Tensor:
-    """Logits ``[batch, classes]``: ``head`` applied to the normalised image embeddings."""
-    features = image_features(model, pixel_values, projection)
+    """Logits ``[batch, classes]``: ``head`` applied to the image features of kind ``reads``
+    (default the normalised image embeddings, :func:`image_features`)."""
+    features = image_features(model, pixel_values, projection, reads=reads)
     weight = getattr(head, "weight", None)
     if isinstance(weight, Tensor):
         features = features.to(device=weight.device, dtype=weight.dtype)
