@@ -19,10 +19,12 @@ from typing import Any
 from torch import nn
 
 from epmq.data import Examples, TaskData, read_task_data, shared_examples
+from epmq.devices import resolve_device
 from epmq.errors import EpmqError
 from epmq.experiment.config import ExperimentConfig, TaskSpec
 from epmq.experiment.workload import Workload
 from epmq.heads import HeadOptions, family_tasks
+from epmq.heads.checks import check_expert_head
 from epmq.models.folder import read_config
 from epmq.models.registry import detect_family
 
@@ -108,6 +110,11 @@ def folder_workload(config: ExperimentConfig) -> Workload:
     names = [t.name for t in config.tasks]
     heads = {t: logic.head(specs[t], data[t], experts[t]) for t in names}
     calib = {t: data[t].calibration(calib_size(specs[t], config), seed=config.seed) for t in names}
+    check = {"batch_size": config.evaluation.batch_size, "device": resolve_device(config.device)}
+    checked = {  # each expert's head on its calibration draw, before any merging
+        t: check_expert_head(logic, specs[t], data[t], experts[t], heads[t], calib[t], **check)
+        for t in names
+    }
     calibration = {
         t: logic.calibration_batches(specs[t], heads[t], calib[t], config.calibration.batch_size)
         for t in names
@@ -148,6 +155,7 @@ def folder_workload(config: ExperimentConfig) -> Workload:
                     "calib": len(data[t].calib) if data[t].calib is not None else 0,
                     "test": len(tests[t]),
                     "expert": experts[t].name,
+                    "expert_calibration_accuracy": checked[t],
                 }
                 for t in names
             },
