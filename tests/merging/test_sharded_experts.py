@@ -178,3 +178,42 @@ def test_index_without_metadata_is_one_line(template: Path, tmp_path: Path) -> N
     assert done.stderr == f"epmq: error: {index}: no 'metadata' object (save_pretrained " + (
         'writes one; add "metadata": {})\n'
     )
+
+
+def quantize(project: Path, out: Path) -> dict[str, torch.Tensor]:
+    """``epmq quantize`` (E-PMQ, layer inputs from the experts, read tensor by tensor) of the
+    project's base with its two experts; the exported tensors."""
+    from epmq.cli import main
+
+    argv = ["epmq", "quantize", "--model", str(project / "base"), "--method", "epmq",
+            "--bits", "4", "--group-size", "-1", "--out", str(out), "--format", "dequantized",
+            "--calib-size", "8", "--max-length", "16", "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    for task in TASKS:
+        argv += ["--calib", f"{task}={project / 'data' / task / 'train.jsonl'}"]
+        argv += ["--expert", f"{task}={project / f'expert_{task}'}"]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        main()
+    except SystemExit as stop:
+        assert stop.code in (0, None), stop.code
+    finally:
+        sys.argv = old
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def test_quantize_reads_sharded_and_bin_folders(template: Path, tmp_path: Path) -> None:
+    """``epmq quantize`` on a sharded base with ``.bin`` and sharded experts equals the same
+    weights in single safetensors files."""
+    want = quantize(project_copy(template, tmp_path / "single"), tmp_path / "single-out")
+    project = project_copy(template, tmp_path / "other")
+    as_shards(project / "base")
+    as_bin(project / "expert_first")
+    as_shards(project / "expert_second")
+    got = quantize(project, tmp_path / "other-out")
+    assert want and got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)
