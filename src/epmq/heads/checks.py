@@ -224,15 +224,15 @@ def check_expert_head(
     examples: Examples,
     batch_size: int,
     device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> float | None:
     """Check ``expert``'s head on ``examples`` (the task's calibration draw, see the module
     docstring); returns its accuracy there, or None for a head built from class names (not
-    checked). The expert model is loaded for this and released afterwards."""
+    checked). The expert model is loaded for this (held in ``dtype``, run on ``device``, as
+    the experts' row evaluates it) and released afterwards."""
     if not (head_from_file(expert) or head_in_checkpoint(expert)) or len(examples) == 0:
         return None
-    model = logic.load_model(Path(expert.path))
-    if device is not None:
-        model = model.to(device)
+    model = logic.load_model(Path(expert.path)).to(device=device, dtype=dtype)
     try:
         predicted = predictions(logic, model, head, task, examples, batch_size)
         outputs = int(getattr(head, "out_features", 0) or len(data.classes))
