@@ -5,7 +5,9 @@ by its model family (:mod:`epmq.heads`), calibration batches are drawn per task 
 training (or calibration) split with the config's seed, and evaluation scores the test split.
 Every user mistake found here (missing data, unknown format, a label outside the head's
 classes, an image size the model cannot take, an expert without its head, a head of the
-wrong width) is one :class:`~epmq.errors.EpmqError` naming it, raised before any merging.
+wrong width, a head whose outputs follow another class order or read another feature: see
+:mod:`epmq.heads.checks`) is one :class:`~epmq.errors.EpmqError` naming it, raised before any
+merging.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from epmq.data import Examples, TaskData, read_task_data, shared_examples
+from epmq.devices import resolve_device
 from epmq.errors import EpmqError
+from epmq.eval.accuracy import evaluation_precision
 from epmq.experiment.config import ExperimentConfig, TaskSpec
 from epmq.experiment.workload import Workload
-from epmq.heads import HeadOptions, family_tasks
+from epmq.heads import FamilyTasks, HeadOptions, family_tasks
+from epmq.heads.checks import check_expert_head
 from epmq.models.folder import read_config
 from epmq.models.registry import detect_family
 
@@ -93,6 +99,30 @@ def test_limit(task: TaskSpec, config: ExperimentConfig) -> int | None:
     return min(limits) if limits else None
 
 
+def check_heads(
+    config: ExperimentConfig,
+    logic: FamilyTasks,
+    specs: Mapping[str, TaskSpec],
+    data: Mapping[str, TaskData],
+    heads: Mapping[str, Any],
+    calib: Mapping[str, Examples],
+) -> dict[str, float | None]:
+    """Each expert's head checked on its task's calibration draw before any merging
+    (:mod:`epmq.heads.checks`: class order, ``head_input``), the expert held and run as the
+    experts' row evaluates it; per task its calibration accuracy (None: not checked)."""
+    device = resolve_device(config.device)
+    dtype = getattr(torch, config.model_dtype)
+    experts = {e.task: e for e in config.experts}
+    batch_size = config.evaluation.batch_size
+    with evaluation_precision(config.evaluation.dtype, device or "cpu"):
+        return {
+            t: check_expert_head(
+                logic, specs[t], data[t], experts[t], heads[t], calib[t], batch_size, device, dtype
+            )
+            for t in specs
+        }
+
+
 def folder_workload(config: ExperimentConfig) -> Workload:
     """Build the workload of a config naming ``base``, ``experts`` and ``tasks``."""
     if config.base is None:
@@ -108,6 +138,7 @@ def folder_workload(config: ExperimentConfig) -> Workload:
     names = [t.name for t in config.tasks]
     heads = {t: logic.head(specs[t], data[t], experts[t]) for t in names}
     calib = {t: data[t].calibration(calib_size(specs[t], config), seed=config.seed) for t in names}
+    checked = check_heads(config, logic, specs, data, heads, calib)
     calibration = {
         t: logic.calibration_batches(specs[t], heads[t], calib[t], config.calibration.batch_size)
         for t in names
@@ -148,6 +179,7 @@ def folder_workload(config: ExperimentConfig) -> Workload:
                     "calib": len(data[t].calib) if data[t].calib is not None else 0,
                     "test": len(tests[t]),
                     "expert": experts[t].name,
+                    "expert_calibration_accuracy": checked[t],
                 }
                 for t in names
             },

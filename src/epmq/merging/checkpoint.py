@@ -6,7 +6,9 @@ A folder holds ``model.safetensors.index.json`` (sharded), ``model.safetensors``
 Headers (names, shapes, dtypes) are read up front without data; each
 :meth:`CheckpointReader.get` opens the file with ``safetensors.safe_open``, copies one tensor
 out and closes the file again, so no mapping keeps pages of a whole model resident.
-Pickled ``.bin`` checkpoints cannot be read lazily: they are loaded whole (with a note).
+Pickled ``.bin`` checkpoints cannot be read lazily: they are loaded whole, only through torch's
+weights-only loader (never a full unpickling: a file that needs one is refused naming it), with
+one log line per folder suggesting conversion to safetensors.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import pickle
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+#: folders whose pickled weights were already noted in the log (one line per folder and run)
+_NOTED_BIN_FOLDERS: set[Path] = set()
 #: float8 checkpoints store scales beside their weights (or need them): not read as plain floats
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -101,13 +106,72 @@ def safetensors_files(folder: Path) -> list[str] | None:
     return None
 
 
+def bin_files(folder: Path) -> list[str]:
+    """The pickled ``.bin`` weight files of a model folder (its index's shards, or
+    ``pytorch_model.bin``); empty when it has none."""
+    index = folder / BIN_INDEX
+    if index.is_file():
+        return shard_files(index)
+    return [BIN_SINGLE] if (folder / BIN_SINGLE).is_file() else []
+
+
+def load_bin(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in a pickled weights file, read with ``torch.load(weights_only=True)``
+    (``mmap``: tensors mapped, not read, for a zip-format file). A file that needs a full
+    unpickling (objects other than tensors) or cannot be read is an :class:`EpmqError` naming
+    it; epmq never unpickles arbitrary objects."""
+    try:
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        why = _why(err)
+        if "Weights only load failed" in str(err):
+            raise EpmqError(
+                f"{path}: loading it needs a full unpickling ({why}), which epmq never does; "
+                "save the model's weights as safetensors (model.safetensors)"
+            ) from None
+        raise EpmqError(f"{path}: not a readable PyTorch weights file ({why})") from None
+    if not isinstance(state, dict):
+        raise EpmqError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise EpmqError(f"{path}: entry {name!r} is not a tensor")
+    return state
+
+
+def note_bin_weights(folder: Path) -> None:
+    """One log line per folder: its weights are pickled, read whole; suggest safetensors."""
+    key = folder.resolve()
+    if key in _NOTED_BIN_FOLDERS:
+        return
+    _NOTED_BIN_FOLDERS.add(key)
+    log.warning(
+        "%s: pickled .bin weights, read whole with torch's weights-only loader; convert them "
+        "to safetensors (save_pretrained of the loaded model) to have them read tensor by tensor",
+        folder,
+    )
+
+
 def check_weight_files(folder: Path) -> None:
-    """Raise :class:`EpmqError` naming the file when a safetensors weight file (or index) of
-    ``folder`` cannot be read; the data is not read. Pickled ``.bin`` weights are not checked
-    (that means loading them)."""
-    for file in safetensors_files(folder) or ():
+    """Raise :class:`EpmqError` naming the file when a weight file (or index) of ``folder``
+    cannot be read: safetensors headers are read, not their data; pickled ``.bin`` weights
+    are loaded weights-only and memory-mapped (a file that needs a full unpickling is
+    refused here, before transformers sees it)."""
+    files = safetensors_files(folder)
+    pickled = bin_files(folder) if files is None else []
+    index = folder / (SAFE_INDEX if files is not None else BIN_INDEX)  # the one read
+    if index.is_file() and not isinstance(_read_json(index).get("metadata"), dict):
+        raise EpmqError(  # transformers' loader reads it (epmq's own readers do not)
+            f"{index}: no 'metadata' object (save_pretrained writes one; add \"metadata\": {{}})"
+        )
+    for file in files or ():
         with open_safetensors(folder / file):
             pass
+    for file in pickled:
+        load_bin(folder / file, mmap=True)
+    if pickled:
+        note_bin_weights(folder)
 
 
 class CheckpointReader:
@@ -149,30 +213,16 @@ class CheckpointReader:
         self.file_of[name] = file
 
     def _load_bin(self) -> None:
-        index = self.folder / BIN_INDEX
-        if index.is_file():
-            files = shard_files(index)
-        elif (self.folder / BIN_SINGLE).is_file():
-            files = [BIN_SINGLE]
-        else:
+        files = bin_files(self.folder)
+        if not files:
             raise EpmqError(f"{self.folder}: no {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE} found")
         self._loaded = {}
         for file in files:
-            path = self.folder / file
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
-                why = _why(err)
-                raise EpmqError(f"{path}: not a readable PyTorch weights file ({why})") from None
-            if not isinstance(state, dict):
-                raise EpmqError(f"{path}: holds a {type(state).__name__}, not a state dict")
-            for name, tensor in state.items():
-                if not isinstance(tensor, torch.Tensor):
-                    raise EpmqError(f"{path}: entry {name!r} is not a tensor")
+            for name, tensor in load_bin(self.folder / file).items():
                 self._add(name, TensorMeta.of(tensor), file)
                 self._loaded[name] = tensor
         # after the load: a file that cannot be read is then the one line a user sees
-        log.warning("%s: only pickled %s weights; loaded them whole", self.folder, BIN_SINGLE)
+        note_bin_weights(self.folder)
 
     @property
     def is_safetensors(self) -> bool:
@@ -197,10 +247,21 @@ class CheckpointReader:
         return layout
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (anything else: an empty one; the callers that need its
+    content check it and name the file)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, OSError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
 def _why(err: BaseException) -> str:
     """The gist of a ``torch.load`` error on one line (torch's weights-only message wraps the
     unpickler's reason in advice to unpickle untrusted files, which epmq never does)."""
     text = str(err)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        text = text.split("Please use", 1)[0]  # advice to allow the global: never taken here
     return " ".join(text.split()) or type(err).__name__
