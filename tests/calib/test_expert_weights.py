@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,25 @@ def test_bin_weights_with_a_head_file_beside_them(setup: Setup, tmp_path) -> Non
     assert set(expert.keys()) == set(state)
     name = "encoder.layer.1.output.dense.weight"
     assert torch.equal(expert.tensor(name), state[name])
+
+
+def test_read_as_follows_transformers_renaming(tmp_path: Path) -> None:
+    """transformers 5 loads a ViT's stored ``encoder.layer.N.attention.attention.query`` as
+    ``layers.N.attention.q_proj``: read_as makes the expert answer the model's names."""
+    from transformers import ViTConfig, ViTModel
+
+    from epmq.calib import SafetensorsExpert
+
+    config = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=16, patch_size=8,
+    )  # fmt: skip
+    model = ViTModel(config, add_pooling_layer=False)
+    model.save_pretrained(tmp_path / "vit")
+    expert = SafetensorsExpert(tmp_path / "vit", name="vit")
+    name = "layers.0.attention.q_proj.weight"
+    assert name in dict(model.named_parameters())
+    with pytest.raises(EpmqError, match="has no tensor"):
+        expert.tensor(name)
+    expert.read_as(model)
+    torch.testing.assert_close(expert.tensor(name), model.get_parameter(name).detach())

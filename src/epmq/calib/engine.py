@@ -174,6 +174,8 @@ def quantize_model(
         stats_cache = None
     required = solver.needs_experts(options.params, x_source)
     expert_list = None if calib is None else _experts(experts, tasks, required=required)
+    for expert in expert_list or ():
+        expert.read_as(model)  # stored names as transformers renames them on loading
     check_finite_model(model)
     stages = adapter.stages(model)
     settings = _settings(options, x_source, true_sequential, tasks, calib, expert_list, stages)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from epmq.calib.expert_weights import ExpertWeights
 
@@ -62,6 +62,9 @@ class CachedExpert(ExpertWeights):
 
     def keys(self) -> Iterable[str]:
         return self.source.keys()
+
+    def read_as(self, model: nn.Module) -> None:
+        self.source.read_as(model)
 
     def _read(self, key: str) -> Tensor:
         return self.source._read(key)

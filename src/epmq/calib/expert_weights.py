@@ -5,6 +5,9 @@ model*. Expert checkpoints are often saved from a different class than the merge
 (``BertModel`` → ``encoder.layer.0...`` vs ``BertForSequenceClassification`` →
 ``bert.encoder.layer.0...``), so names are resolved by the longest unique suffix match that
 differs only in a leading, number-free prefix; the translation found is reused for the rest.
+transformers 5 also renames some architectures' tensors when it loads them (ViT's
+``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj`` in the model):
+:meth:`ExpertWeights.read_as` applies the same renamings to the expert's own names.
 
 Sources: :class:`SafetensorsExpert` (a folder with ``model.safetensors`` or sharded
 ``*.safetensors`` + index, opened lazily with ``safe_open``; pickled ``.bin`` weights cannot be
@@ -14,12 +17,12 @@ tests and small models).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from epmq.errors import EpmqError
 
@@ -30,6 +33,8 @@ class ExpertWeights:
     def __init__(self, name: str) -> None:
         self.name = name
         self._translation: tuple[int, str] | None = None  # (parts to drop, prefix to add)
+        self._rename: Callable[[str], str] | None = None  # stored name -> the model's name
+        self._stored: dict[str, str] = {}  # the model's naming of a stored name -> stored name
 
     # -- to implement ---------------------------------------------------------------------
     def keys(self) -> Iterable[str]:
@@ -41,6 +46,14 @@ class ExpertWeights:
         raise NotImplementedError
 
     # -- public ---------------------------------------------------------------------------
+    def read_as(self, model: nn.Module) -> None:
+        """Name the stored tensors as transformers names them when it loads ``model``'s
+        class (:func:`loading_renamer`; nothing changes where it renames nothing)."""
+        self._rename = loading_renamer(model)
+        self._translation = None
+        self._keys_cache = None
+        self._stored = {}
+
     def resolve(self, name: str) -> str:
         """The expert's key for the merged model's parameter ``name``."""
         keys = self._key_set()
@@ -84,7 +97,8 @@ class ExpertWeights:
 
     def host_tensor(self, name: str, like: Tensor | None = None) -> Tensor:
         """:meth:`tensor` as read, on the CPU (cast to ``like``'s dtype, shape checked)."""
-        value = self._read(self.resolve(name))
+        key = self.resolve(name)
+        value = self._read(self._stored.get(key, key))
         if like is not None:
             if tuple(value.shape) != tuple(like.shape):
                 raise EpmqError(
@@ -101,9 +115,14 @@ class ExpertWeights:
         return {name: self.tensor(name, ref) for name, ref in like.items()}
 
     def _key_set(self) -> set[str]:
+        """The stored names, as the model names them (:meth:`read_as`)."""
         cached = getattr(self, "_keys_cache", None)
         if cached is None:
-            cached = set(self.keys())
+            if self._rename is None:
+                cached = set(self.keys())
+            else:
+                self._stored = {self._rename(key): key for key in self.keys()}
+                cached = set(self._stored)
             self._keys_cache = cached
         return cached
 
@@ -172,6 +191,25 @@ class SafetensorsExpert(ExpertWeights):
     def close(self) -> None:
         """Drop the open file handles (they are reopened on demand)."""
         self._handles.clear()
+
+
+def loading_renamer(model: nn.Module) -> Callable[[str], str] | None:
+    """The renaming transformers applies to a stored tensor name when it loads ``model``'s
+    class (its conversion mapping's plain renamings; None when there are none, or with a
+    transformers that has no conversion mappings)."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+        from transformers.core_model_loading import rename_source_key
+    except ImportError:
+        return None
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except (AttributeError, TypeError, ValueError):  # not a transformers model
+        return None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return None
+    return lambda key: rename_source_key(key, renamings, [])[0]
 
 
 def as_expert(
