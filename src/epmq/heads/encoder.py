@@ -15,6 +15,7 @@ The encoder is loaded without its pooler (``AutoModel``, ``add_pooling_layer=Fal
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from epmq.heads.sequence_classification import (
     CheckpointHead,
     EncoderHead,
     FileHead,
+    has_pooler,
     is_sequence_classifier,
 )
 from epmq.models.adapter import BlockAdapter
@@ -100,8 +102,30 @@ class EncoderTasks(FamilyTasks):
             linear = linear_head(expert, self.hidden_size(), "hidden size")
             needs_pooler = reads == "pooler" and not self.options.merge_pooler
             head = FileHead(linear, reads, self.pooler(expert) if needs_pooler else None)
+        if self.options.merge_pooler:
+            self.check_merged_pooler(expert, head)
         self.check_labels(task, data, head.out_features, f"{where}'s head")
         return head
+
+    @cached_property
+    def base_has_pooler(self) -> bool:
+        return has_pooler(self.base_dir)
+
+    def check_merged_pooler(self, expert: ExpertFields, head: EncoderHead) -> None:
+        """With ``merge_pooler``, the base and every expert hold a pooler (or none do: then
+        no head may read one), so that the poolers merge like every other tensor."""
+        own = has_pooler(Path(expert.path))
+        if own != self.base_has_pooler:
+            holder, lacker = (expert.path, self.base_dir) if own else (self.base_dir, expert.path)
+            raise EpmqError(
+                f"merge_pooler: {holder} holds a pooler but {lacker} does not (expert "
+                f"{expert.name}), so the poolers cannot be merged; set merge_pooler: false"
+            )
+        if head.reads_pooler and not own:
+            raise EpmqError(
+                f"merge_pooler: expert {expert.name}'s head reads the merged pooler, but neither "
+                f"{expert.path} nor the base {self.base_dir} holds one; set merge_pooler: false"
+            )
 
     def head_input(self, expert: ExpertFields) -> str:
         """What the expert's head file reads: its ``head_input``, else the ``pooling``."""

@@ -40,11 +40,21 @@ def is_sequence_classifier(folder: Path) -> bool:
     return any(str(name).endswith("ForSequenceClassification") for name in names)
 
 
+def has_pooler(folder: Path) -> bool:
+    """Whether the checkpoint in ``folder`` holds a BERT pooler (``[<prefix>.]pooler.*``)."""
+    from epmq.merging.checkpoint import CheckpointReader
+
+    names = CheckpointReader(folder).meta
+    return any(n == "pooler.dense.weight" or n.endswith(".pooler.dense.weight") for n in names)
+
+
 class EncoderHead(Protocol):
     """A task head on a text encoder's output (what :class:`EncoderTasks` calls)."""
 
     @property
     def out_features(self) -> int: ...
+    @property
+    def reads_pooler(self) -> bool: ...
 
     def logits(self, outputs: Any, attention_mask: Tensor) -> Tensor:
         """Class scores ``[batch, classes]`` from the backbone's ``outputs`` (float32)."""
@@ -153,12 +163,13 @@ class FileHead(nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
         self.load_state_dict(linear.state_dict())
         self.reads = reads
+        self.reads_pooler = reads == "pooler"
         self.pooler = pooler
         self.eval()
 
     def features(self, outputs: Any, attention_mask: Tensor) -> Tensor:
         """The ``[batch, hidden]`` features the linear reads."""
-        if self.reads == "pooler":
+        if self.reads_pooler:
             return pooler_output(outputs, self.pooler, "a head_input 'pooler' head")
         hidden = outputs.last_hidden_state
         if self.reads == "cls":
