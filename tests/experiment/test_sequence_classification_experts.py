@@ -245,3 +245,9 @@ def test_head_input_mistakes_are_one_line(projects: dict[str, TextProject], tmp_
     with pytest.raises(EpmqError, match=r"merge_pooler: .*base holds a pooler but .* does not"):
         folder_workload(parse_config(config))
     assert not (tmp_path / "out").exists()
+    # an expert of another architecture than the base's
+    config = config_for(bert, tmp_path / "out")
+    config["experts"][1]["path"] = str(projects["distilbert"].experts["second"])
+    with pytest.raises(EpmqError, match=r"expert expert-second: .* holds a 'distilbert' model but"):
+        folder_workload(parse_config(config))
+    assert not (tmp_path / "out").exists()

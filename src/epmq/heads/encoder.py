@@ -87,6 +87,7 @@ class EncoderTasks(FamilyTasks):
     def head(self, task: TaskFields, data: TaskData, expert: ExpertFields) -> EncoderHead:
         require_text(task, data, f"{self.family} encoder")
         where = f"expert {expert.name}"
+        self.check_architecture(expert)
         head: CheckpointHead | FileHead
         if not head_file(expert).is_file() and is_sequence_classifier(Path(expert.path)):
             if expert.head_input is not None:
@@ -125,6 +126,18 @@ class EncoderTasks(FamilyTasks):
             raise EpmqError(
                 f"merge_pooler: expert {expert.name}'s head reads the merged pooler, but neither "
                 f"{expert.path} nor the base {self.base_dir} holds one; set merge_pooler: false"
+            )
+
+    def check_architecture(self, expert: ExpertFields) -> None:
+        """The expert's backbone is the base's architecture (``model_type``): another one
+        (a DistilBERT expert of a BERT base) has other tensors and cannot be merged with it."""
+        base_type = read_config(self.base_dir).get("model_type")
+        own_type = read_config(expert.path).get("model_type")
+        if own_type != base_type:
+            raise EpmqError(
+                f"expert {expert.name}: {Path(expert.path) / 'config.json'} holds a "
+                f"{own_type!r} model but the base {self.base_dir} is {base_type!r}; every expert "
+                "must be fine-tuned from the base"
             )
 
     def head_input(self, expert: ExpertFields) -> str:
