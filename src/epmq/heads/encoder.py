@@ -89,7 +89,13 @@ class EncoderTasks(FamilyTasks):
         where = f"expert {expert.name}"
         self.check_architecture(expert)
         head: CheckpointHead | FileHead
-        if not head_file(expert).is_file() and is_sequence_classifier(Path(expert.path)):
+        file = head_file(expert)
+        if file.is_file():
+            reads = self.head_input(expert)
+            linear = linear_head(expert, self.hidden_size(), "hidden size")
+            needs_pooler = reads == "pooler" and not self.options.merge_pooler
+            head = FileHead(linear, reads, self.pooler(expert) if needs_pooler else None)
+        elif is_sequence_classifier(Path(expert.path)):
             if expert.head_input is not None:
                 raise EpmqError(
                     f"{where}: head_input {expert.head_input!r} applies to a head file, but "
@@ -99,10 +105,12 @@ class EncoderTasks(FamilyTasks):
             merge_pooler = self.options.merge_pooler
             head = CheckpointHead.load(Path(expert.path), where, merge_pooler=merge_pooler)
         else:
-            reads = self.head_input(expert)
-            linear = linear_head(expert, self.hidden_size(), "hidden size")
-            needs_pooler = reads == "pooler" and not self.options.merge_pooler
-            head = FileHead(linear, reads, self.pooler(expert) if needs_pooler else None)
+            raise EpmqError(
+                f"{where}: no head file {file}, and {Path(expert.path) / 'config.json'} names no "
+                "*ForSequenceClassification architecture whose head epmq could read; save the "
+                "expert with AutoModelForSequenceClassification, or a linear head ('weight' "
+                "[n_classes, hidden], 'bias' [n_classes]) as head.safetensors or 'head:'"
+            )
         if self.options.merge_pooler:
             self.check_merged_pooler(expert, head)
         self.check_labels(task, data, head.out_features, f"{where}'s head")
@@ -159,9 +167,8 @@ class EncoderTasks(FamilyTasks):
         """The BERT pooler a ``head_input: pooler`` head reads: the expert's own when its
         checkpoint holds one, else the base's."""
         for folder in (Path(expert.path), self.base_dir):
-            pooler = getattr(self.adapter.load(folder), "pooler", None)
-            if isinstance(pooler, nn.Module):
-                return pooler.float().eval()
+            if has_pooler(folder):
+                return self.adapter.load(folder).pooler.float().eval()
         raise EpmqError(
             f"expert {expert.name}: head_input 'pooler' reads a BERT pooler, but neither "
             f"{expert.path} nor the base {self.base_dir} holds one; use mean or cls"
