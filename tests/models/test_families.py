@@ -17,7 +17,7 @@ from epmq.models.registry import model_types
 
 def test_every_family_declares_a_loader_and_task_heads() -> None:
     found = families()
-    assert set(found) == {"bert", "clip", "t5", "llama", "vit"}
+    assert set(found) == {"bert", "distilbert", "clip", "t5", "llama", "vit"}
     for name, adapter in found.items():
         assert adapter.family == name and adapter.model_types
         assert adapter.load is not BlockAdapter.load, name
@@ -29,7 +29,8 @@ def test_model_types_map_to_the_declaring_family() -> None:
     types = model_types()
     for adapter in families().values():
         assert all(types[t] == adapter.family for t in adapter.model_types)
-    assert types["xlm-roberta"] == "bert" and "electra" not in types
+    assert types["xlm-roberta"] == types["electra"] == "bert"
+    assert types["distilbert"] == "distilbert" and "gpt2" not in types
 
 
 class _Clone(BlockAdapter):

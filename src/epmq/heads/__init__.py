@@ -1,6 +1,8 @@
 """Task heads per model family: how a user's classification task is fed to a model and scored.
 
-- ``bert``: linear head file on the pooled encoder output (:mod:`epmq.heads.encoder`);
+- ``bert``, ``distilbert``: a linear head file on the pooled encoder output, or the head inside
+  a ``*ForSequenceClassification`` checkpoint (:mod:`epmq.heads.encoder`,
+  :mod:`epmq.heads.sequence_classification`);
 - ``clip``: zero-shot text heads, linear heads on image features or a
   ``CLIPForImageClassification``'s classifier (:mod:`epmq.heads.clip`);
 - ``vit``: linear heads or a ``ViTForImageClassification``'s classifier (:mod:`epmq.heads.vit`);

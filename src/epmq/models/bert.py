@@ -1,5 +1,7 @@
-"""BERT-style encoders: BertModel, BertFor*, RoBERTa, XLM-RoBERTa, CamemBERT, MiniLM
-(``encoder.layer.N``).
+"""BERT-style encoders: BertModel, BertFor*, RoBERTa, XLM-RoBERTa, CamemBERT, MiniLM, ELECTRA
+(``encoder.layer.N``; ELECTRA's layers are BERT layers, and its ``embeddings_project``, present
+when ``embedding_size`` differs from ``hidden_size``, sits before the blocks: merged, not
+quantized).
 
 The blocks are ``BertLayer``s called as ``layer(hidden_states, extended_attention_mask, ...)``
 and returning the new hidden states; the extended attention mask is captured as the model
@@ -18,7 +20,7 @@ from torch import nn
 
 from epmq.errors import EpmqError
 from epmq.models.adapter import BlockAdapter, Stage, register_adapter
-from epmq.models.folder import from_folder
+from epmq.models.folder import from_folder, read_config
 
 _GROUPS: tuple[tuple[str, ...], ...] = (
     ("attention.self.query", "attention.self.key", "attention.self.value"),
@@ -29,6 +31,13 @@ _GROUPS: tuple[tuple[str, ...], ...] = (
     ("intermediate.dense",),
     ("output.dense",),
 )
+
+#: model types whose base model has no pooler (and takes no ``add_pooling_layer``)
+_POOLERLESS = ("electra",)
+
+#: the task-head modules of a ``*ForSequenceClassification`` checkpoint, outside the base
+#: model: read by the heads (epmq.heads.sequence_classification), left out of the backbone
+SEQUENCE_CLASSIFIER_MODULES = ("classifier", "pre_classifier")
 
 _HEADS = {
     "base": "AutoModel",
@@ -43,7 +52,7 @@ class BertAdapter(BlockAdapter):
     """Adapter for BERT-like encoders (one stage: the encoder's layer list)."""
 
     family = "bert"
-    model_types = ("bert", "roberta", "xlm-roberta", "camembert")
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
     tasks = "epmq.heads.encoder:EncoderTasks"
     sequential_groups = _GROUPS
     # post-norm: every LayerNorm output also feeds a residual, so only V -> output folds
@@ -84,18 +93,23 @@ def load_bert(path: str | Path, head: str = "base", **kwargs: Any) -> nn.Module:
 
     The ``base`` model has a pooler only when the checkpoint has one (a folder saved without
     it, as the suites' encoders and their exports are, loads without it: no random pooler);
-    ``add_pooling_layer=False`` leaves a checkpoint's pooler out without a warning. Every other
+    ``add_pooling_layer=False`` leaves a checkpoint's pooler out without a warning (ELECTRA has
+    no pooler: the argument is dropped). The ``base`` model of a ``*ForSequenceClassification``
+    checkpoint leaves its classifier out without a warning too (the heads read it). Every other
     tensor the model needs must be in the checkpoint.
     """
     import transformers
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise EpmqError(f"{path} is not a Hugging Face model folder (no config.json)")
+    config = read_config(path)
     if head not in _HEADS:
         raise EpmqError(f"unknown BERT head {head!r}; choose one of {', '.join(_HEADS)}")
+    if config.get("model_type") in _POOLERLESS:
+        kwargs.pop("add_pooling_layer", None)
     optional = ("pooler",) if head == "base" else ()
-    unused = ("pooler",) if kwargs.get("add_pooling_layer") is False else ()
+    unused = SEQUENCE_CLASSIFIER_MODULES if head == "base" else ()
+    if kwargs.get("add_pooling_layer") is False:
+        unused = ("pooler", *unused)
     model = from_folder(
         getattr(transformers, _HEADS[head]), path, optional=optional, unused=unused, **kwargs
     )
