@@ -125,29 +125,6 @@ def test_a_small_calibration_draw_is_not_refused(bert: Family, tmp_path: Path) -
 
 
 # -- head_input -------------------------------------------------------------------------------
-@pytest.fixture
-def head_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give the text family the head_input values ``mean`` and ``cls`` (as the family will
-    offer them): each head pools as its expert's ``head_input`` says, else as ``pooling``."""
-    head, predict = EncoderTasks.head, EncoderTasks.predict
-
-    def head_reading(self: EncoderTasks, task: Any, data: Any, expert: Any) -> Any:
-        linear = head(self, task, data, expert)
-        linear.reads = expert.head_input or self.options.pooling
-        return linear
-
-    def predict_reading(self: EncoderTasks, model: Any, linear: Any, *args: Any) -> Any:
-        self.pooling = linear.reads
-        try:
-            return predict(self, model, linear, *args)
-        finally:
-            self.pooling = self.options.pooling
-
-    monkeypatch.setattr(EncoderTasks, "head_inputs", ("mean", "cls"))
-    monkeypatch.setattr(EncoderTasks, "head", head_reading)
-    monkeypatch.setattr(EncoderTasks, "predict", predict_reading)
-
-
 @pytest.fixture(scope="module")
 def cls_trained(bert: Family, tmp_path_factory: pytest.TempPathFactory) -> Family:
     """``bert`` whose first expert's head (and task labels) read the first token's state."""
@@ -169,9 +146,7 @@ def cls_trained(bert: Family, tmp_path_factory: pytest.TempPathFactory) -> Famil
     return Family(bert.name, bert.base, {**bert.experts, "first": folder}, bert.modality, splits)
 
 
-def test_wrong_head_input_is_refused_naming_the_best(
-    head_inputs: None, cls_trained: Family, tmp_path: Path
-) -> None:
+def test_wrong_head_input_is_refused_naming_the_best(cls_trained: Family, tmp_path: Path) -> None:
     config = config_for(cls_trained, tmp_path)
     with pytest.raises(EpmqError) as caught:
         run_session(parse_config(config), progress=False, announce=lambda _: None)
@@ -186,9 +161,13 @@ def test_wrong_head_input_is_refused_naming_the_best(
 
 
 def test_weak_head_without_other_head_inputs_warns(
-    cls_trained: Family, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    cls_trained: Family,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The text family on main offers no head_input values: the same head is one warning."""
+    """A family that offers no other head_input values: the same head is one warning."""
+    monkeypatch.setattr(EncoderTasks, "head_inputs", ("mean",))  # nothing else to try
     with caplog.at_level(logging.WARNING, logger="epmq"):
         results, _ = run_session(
             parse_config(config_for(cls_trained, tmp_path)), progress=False,
