@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from text_classifiers import KEYS, TextProject, build_kind, config_for, own_logits
 
 from epmq.errors import EpmqError
@@ -120,6 +120,13 @@ def test_run_reports_the_experts_own_accuracy(
         workload = folder_workload(parse_config(config))
         row = results.find(kind="quantized")[0]
         for entry in exports:
+            for task in KEYS:  # the checkpoint's head modules stored beside the weights
+                stored = out / entry["folder"] / "heads" / f"{task}.safetensors"
+                head = workload.heads[task].state_dict()
+                assert sorted(load_file(str(stored))) == sorted(head)
+                assert any(k.startswith("classifier.") for k in head)
+                for key, value in load_file(str(stored)).items():
+                    torch.testing.assert_close(value, head[key].float())
             encoder = workload.load_encoder(out / entry["folder"])
             assert type(encoder).__name__ == "DistilBertModel"
             reloaded = workload.evaluate(encoder, workload.heads, list(KEYS))

@@ -3,7 +3,8 @@
 Every quantized variant of the table (not the α-sweep points) is written in every format the
 config lists, to ``<output dir>/exports/<format>/<variant>/`` (see :mod:`epmq.export`), as soon
 as it is built, so memory still holds one variant at a time. Linear task heads (BERT, CLIP
-head files) are stored beside the weights as ``heads/<task>.safetensors``; every folder's
+head files, the heads inside task models' checkpoints) are stored beside the weights as
+``heads/<task>.safetensors``; every folder's
 ``epmq_record.json`` names the merge, quantizer and settings that made it.
 """
 
@@ -82,9 +83,16 @@ class VariantExporter:
         self.written.append(record)
 
     def _write_heads(self, folder: Path) -> None:
+        """Every task head that is a module, as ``heads/<task>.safetensors``: a linear head's
+        ``weight`` and ``bias``; a head read from a task model's checkpoint (pooler,
+        classifier, ...) its modules' tensors under their names there. The metadata names
+        the head's class and the features it reads."""
         for task, head in self.workload.heads.items():
-            if isinstance(head, nn.Linear):
-                tensors = {"weight": head.weight.detach().float().contiguous()}
-                if head.bias is not None:
-                    tensors["bias"] = head.bias.detach().float().contiguous()
-                save_tensors(folder / "heads" / f"{task}.safetensors", tensors)
+            if not isinstance(head, nn.Module):
+                continue  # label words or prompts: nothing to store
+            tensors = {k: v.detach().float() for k, v in head.state_dict().items()}
+            metadata = {"head": type(head).__name__}
+            reads = getattr(head, "reads", None)
+            if isinstance(reads, str):
+                metadata["reads"] = reads
+            save_tensors(folder / "heads" / f"{task}.safetensors", tensors, metadata)
