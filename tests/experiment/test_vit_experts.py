@@ -31,6 +31,8 @@ from image_experts import (
 
 from epmq.errors import EpmqError
 from epmq.eval.results import average
+from epmq.experiment.config import parse_config
+from epmq.experiment.folders import folder_workload
 
 
 def vit_config(**extra: object) -> object:
@@ -85,7 +87,9 @@ def test_vit_image_classifier_experts(tmp_path: Path) -> None:
     # experts' tensors from their files, stored as encoder.layer.N.attention.attention.query
     # while transformers 5 names the loaded model's layers.N.attention.q_proj (read_as).
     quantization = {"methods": ["gptq", "epmq"], "bits": [8]}
-    results = run(run_config(family, tmp_path, quantization=quantization))
+    output = {"dir": str(tmp_path / "report"), "export": ["compressed-tensors"]}
+    config = run_config(family, tmp_path, quantization=quantization, output=output)
+    results = run(config)
 
     def users_accuracy(task: str, encoder: StateDict | None = None) -> float:
         model = ViTForImageClassification.from_pretrained(str(family.experts[task])).eval()
@@ -110,6 +114,18 @@ def test_vit_image_classifier_experts(tmp_path: Path) -> None:
         else:  # E-PMQ fits the experts' outputs: at least as good as GPTQ on average
             gptq = results.find(kind="quantized", merge=row.merge, quantizer="gptq")[0]
             assert average(row) >= average(gptq) - 2 / N_TEST, row.name
+
+    # every quantized merge is exported; transformers reloads it (the ViT's stored names) and
+    # it scores what the run reported, with the classifiers exported beside it
+    workload = folder_workload(parse_config(config))
+    exports = results.settings["exports"]
+    assert len(exports) == 4
+    for entry in exports:
+        folder = tmp_path / "report" / entry["folder"]
+        row = next(r for r in quantized if r.name == entry["variant"])
+        reloaded = workload.evaluate(workload.load_encoder(folder), workload.heads, list(TASKS))
+        assert all(abs(reloaded[t] - row.accuracy[t]) <= 1 / N_TEST for t in TASKS), row.name
+        assert all((folder / "heads" / f"{t}.safetensors").is_file() for t in TASKS)
 
     config = run_config(family, tmp_path / "again")
     config["experts"][1]["head_input"] = "mean_patch"
