@@ -10,6 +10,7 @@ head files, the heads inside task models' checkpoints) are stored beside the wei
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,10 @@ class VariantExporter:
             if not isinstance(head, nn.Module):
                 continue  # label words or prompts: nothing to store
             tensors = {k: v.detach().float() for k, v in head.state_dict().items()}
-            metadata = {"head": type(head).__name__}
+            about = {"class": type(head).__name__}
             reads = getattr(head, "reads", None)
             if isinstance(reads, str):
-                metadata["reads"] = reads
+                about["reads"] = reads
+            # one metadata key: safetensors writes several in no fixed order (bytes would vary)
+            metadata = {"epmq_head": json.dumps(about, sort_keys=True)}
             save_tensors(folder / "heads" / f"{task}.safetensors", tensors, metadata)
