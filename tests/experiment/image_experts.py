@@ -85,6 +85,20 @@ def train_linear(features: torch.Tensor, labels: list[int], seed: int) -> nn.Lin
     return head.eval()
 
 
+def fine_tune(expert: nn.Module, train: tuple[list[Any], list[int]]) -> torch.Tensor:
+    """A few Adam steps of an ``*ForImageClassification`` ``expert`` on ``train`` (its loss
+    from ``labels``); returns the training pixels (eval mode after)."""
+    pixels, target = pixel_values(np.stack(train[0])), torch.tensor(train[1])
+    optimiser = torch.optim.Adam(expert.parameters(), lr=3e-3)
+    expert.train()
+    for _ in range(8):
+        optimiser.zero_grad()
+        expert(pixel_values=pixels, labels=target).loss.backward()
+        optimiser.step()
+    expert.eval()
+    return pixels
+
+
 def merged_states(base: StateDict, experts: list[StateDict]) -> dict[str, StateDict]:
     """The merges of the config, computed here: W0 + s Σ (Wi - W0), and the mean of the Wi."""
     out: dict[str, StateDict] = {}

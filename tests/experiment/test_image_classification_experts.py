@@ -26,6 +26,7 @@ from image_experts import (
     StateDict,
     accuracy,
     colour_labels,
+    fine_tune,
     held_out,
     merged_states,
     perturb,
@@ -150,15 +151,8 @@ def build_classifiers(root: Path) -> tuple[Family, list[StateDict]]:
         perturb(expert, number + 1)
         inputs = images(10 + number, N_TRAIN + N_CALIB + N_TEST)
         family.splits[task] = splits(inputs, colour_labels(inputs, number))
-        train_x, train_y = family.splits[task]["train"]
-        pixels, target = pixel_values(np.stack(train_x)), torch.tensor(train_y)
-        optimiser = torch.optim.Adam(expert.parameters(), lr=3e-3)
-        expert.train()
-        for _ in range(8):
-            optimiser.zero_grad()
-            expert(pixel_values=pixels, labels=target).loss.backward()
-            optimiser.step()
-        expert.eval()
+        train_y = family.splits[task]["train"][1]
+        pixels = fine_tune(expert, family.splits[task]["train"])
         with torch.no_grad():  # then the classifier alone, on its own input: the patch mean
             patches = expert.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
         probe = train_linear(patches.mean(1), train_y, 300 + number)

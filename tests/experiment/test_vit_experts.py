@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from family_folders import CLASSES, MEAN, STD, Family, images, pixel_values
+from family_folders import CLASSES, MEAN, STD, Family, images
 from image_experts import (
     N_CALIB,
     N_TEST,
@@ -20,6 +19,7 @@ from image_experts import (
     StateDict,
     accuracy,
     colour_labels,
+    fine_tune,
     held_out,
     merged_states,
     perturb,
@@ -61,15 +61,8 @@ def build_vit(root: Path) -> tuple[Family, list[StateDict]]:
         perturb(expert, number + 1)
         inputs = images(10 + number, N_TRAIN + N_CALIB + N_TEST)
         family.splits[task] = splits(inputs, colour_labels(inputs, number))
-        train_x, train_y = family.splits[task]["train"]
-        pixels, target = pixel_values(np.stack(train_x)), torch.tensor(train_y)
-        optimiser = torch.optim.Adam(expert.parameters(), lr=3e-3)
-        expert.train()
-        for _ in range(8):
-            optimiser.zero_grad()
-            expert(pixel_values=pixels, labels=target).loss.backward()
-            optimiser.step()
-        expert.eval()
+        train_y = family.splits[task]["train"][1]
+        pixels = fine_tune(expert, family.splits[task]["train"])
         with torch.no_grad():  # then the classifier alone, on its own input: the class token
             cls = expert.vit(pixel_values=pixels).last_hidden_state[:, 0]
         expert.classifier.load_state_dict(train_linear(cls, train_y, 300 + number).state_dict())
