@@ -85,12 +85,16 @@ def test_epmq_logits_equal_the_task_models_own(
     assert caplog.records == []  # the checkpoint's classifier is read, not "left out"
 
 
+BACKBONES = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra", "distilbert": "DistilBert"}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_run_reports_the_experts_own_accuracy(
     projects: dict[str, TextProject], kind: str, tmp_path: Path
 ) -> None:
     """``epmq run`` (GPTQ: calibration batches go through the backbone) reports each expert's
-    own accuracy; DistilBERT runs on the command line and its quantized merge is exported."""
+    own accuracy (DistilBERT on the command line); every kind's quantized merge is exported,
+    with the checkpoint's head modules beside it, and reloads to the same accuracy."""
     project = projects[kind]
     out = tmp_path / "out"
     config = config_for(project, tmp_path, quantization={"methods": ["gptq"], "bits": [8]})
@@ -108,30 +112,32 @@ def test_run_reports_the_experts_own_accuracy(
         assert "left out" not in done.stderr  # the classifier is read, not dropped
         results = load_results(out / "results.json")
     else:
-        config["output"] = {"dir": str(out)}
+        config["output"] = {"dir": str(out), "export": ["compressed-tensors"]}
         results = run(config)
     expert = results.find(kind="expert")[0].accuracy
     assert expert == {t: own_accuracy(project, t) for t in KEYS}
     assert min(expert.values()) > 0.7  # the fine-tuning learnt the toy task
     assert results.find(kind="quantized")[0].accuracy.keys() == set(KEYS)
-    if kind == "distilbert":  # the quantized DistilBERT is exported and reloads
-        exports = results.settings["exports"]
-        assert [e["format"] for e in exports] == ["dequantized", "compressed-tensors"]
-        workload = folder_workload(parse_config(config))
-        row = results.find(kind="quantized")[0]
-        for entry in exports:
-            for task in KEYS:  # the checkpoint's head modules stored beside the weights
-                stored = out / entry["folder"] / "heads" / f"{task}.safetensors"
-                head = workload.heads[task].state_dict()
-                assert sorted(load_file(str(stored))) == sorted(head)
-                assert any(k.startswith("classifier.") for k in head)
-                for key, value in load_file(str(stored)).items():
-                    torch.testing.assert_close(value, head[key].float())
-            encoder = workload.load_encoder(out / entry["folder"])
-            assert type(encoder).__name__ == "DistilBertModel"
-            reloaded = workload.evaluate(encoder, workload.heads, list(KEYS))
-            for task in KEYS:  # float16 storage may flip a near tie
-                assert abs(reloaded[task] - row.accuracy[task]) <= 1 / 24
+    exports = results.settings["exports"]  # every kind's quantized merge is exported, reloads
+    formats = (
+        ["dequantized", "compressed-tensors"] if kind == "distilbert" else ["compressed-tensors"]
+    )
+    assert [e["format"] for e in exports] == formats
+    workload = folder_workload(parse_config(config))
+    row = results.find(kind="quantized")[0]
+    for entry in exports:
+        for task in KEYS:  # the checkpoint's head modules stored beside the weights
+            stored = out / entry["folder"] / "heads" / f"{task}.safetensors"
+            head = workload.heads[task].state_dict()
+            assert sorted(load_file(str(stored))) == sorted(head)
+            assert any(k.startswith("classifier.") for k in head)
+            for key, value in load_file(str(stored)).items():
+                torch.testing.assert_close(value, head[key].float())
+        encoder = workload.load_encoder(out / entry["folder"])
+        assert type(encoder).__name__ == f"{BACKBONES[kind]}Model"
+        reloaded = workload.evaluate(encoder, workload.heads, list(KEYS))
+        for task in KEYS:  # float16 storage may flip a near tie
+            assert abs(reloaded[task] - row.accuracy[task]) <= 1 / 24
 
 
 def test_merge_pooler_merges_the_poolers(projects: dict[str, TextProject], tmp_path: Path) -> None:
