@@ -82,7 +82,7 @@ def demo(
     if quick:
         quant.update(bits=quant["bits"][-1:], group_sizes=quant["group_sizes"][:1])
         # no α sweep: with E-PMQ's expert targets its six extra solves took half of the
-        # look's time (8 min 47 s cold with it on the idle machine)
+        # look's time (8 min 51 s cold with it on the idle machine)
         quant.update(alpha_sweep=[], x_source_study=False)
         names = names[:2]
         max_test = max_test or 200
