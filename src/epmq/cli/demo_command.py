@@ -39,12 +39,16 @@ def demo(
     merges: str = typer.Option("task_arithmetic,ties,regmean", help="Merges, comma-separated."),
     methods: str = typer.Option("rtn,gptq,awq,epmq", help="Quantizers, comma-separated."),
     bits: str = typer.Option("4,3", help="Bit widths, comma-separated."),
-    group_sizes: str = typer.Option("-1,128", help="Group sizes (-1: per channel), e.g. -1,128."),
+    group_sizes: str = typer.Option(
+        "-1", help="Group sizes (-1: per channel); -1,128 adds the g128 grids."
+    ),
     alpha: float = typer.Option(0.1, help="E-PMQ anchor strength α."),
     x_source: str | None = typer.Option(
         None, help="E-PMQ's inputs: expert (its default), quantized (GPTQ's way) or merged."
     ),
-    alpha_sweep: str = typer.Option("0,0.01,0.1,1", help="α values swept (first merge)."),
+    alpha_sweep: str = typer.Option(
+        "", help="α values swept on the first merge, e.g. 0,0.01,0.1,1 (none by default)."
+    ),
     max_test: int | None = typer.Option(None, help="Evaluate at most N test examples per task."),
     eval_dtype: str = typer.Option(
         "float32", help="Evaluation precision: float32, or bfloat16 (autocast; fast on AMX CPUs)."
@@ -81,9 +85,9 @@ def demo(
     }
     if quick:
         quant.update(bits=quant["bits"][-1:], group_sizes=quant["group_sizes"][:1])
-        # no α sweep: with E-PMQ's expert targets its six extra solves took half of the
-        # look's time (8 min 51 s cold with it on the idle machine)
-        quant.update(alpha_sweep=[], x_source_study=False)
+        # no α sweep and no unrounded W* rows: each costs an E-PMQ solve, and together they
+        # took over a third of the look's time (8 min 51 s cold with them on the idle machine)
+        quant.update(alpha_sweep=[], x_source_study=False, evaluate_target=False)
         names = names[:2]
         max_test = max_test or 200
     config = parse_config(
