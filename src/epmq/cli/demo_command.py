@@ -37,7 +37,9 @@ DEMO_MERGES = {
 def demo(
     suite: str = typer.Option("text8", help="Built-in suite (see epmq.suites.list_suites)."),
     merges: str = typer.Option("task_arithmetic,ties,regmean", help="Merges, comma-separated."),
-    methods: str = typer.Option("rtn,gptq,awq,epmq", help="Quantizers, comma-separated."),
+    methods: str | None = typer.Option(
+        None, help="Quantizers, comma-separated (default rtn,gptq,awq,epmq; --quick: no awq)."
+    ),
     bits: str = typer.Option("4,3", help="Bit widths, comma-separated."),
     group_sizes: str = typer.Option(
         "-1", help="Group sizes (-1: per channel); -1,128 adds the g128 grids."
@@ -74,8 +76,9 @@ def demo(
             f"--merges: unknown merge {unknown[0]!r}; choose from {sorted(DEMO_MERGES)}"
         )
     sweep = _floats(alpha_sweep, "alpha-sweep")
+    default_methods = "rtn,gptq,epmq" if quick else "rtn,gptq,awq,epmq"
     quant = {
-        "methods": [m.strip() for m in methods.split(",") if m.strip()],
+        "methods": [m.strip() for m in (methods or default_methods).split(",") if m.strip()],
         "bits": _ints(bits, "bits"),
         "group_sizes": _ints(group_sizes, "group-sizes"),
         "alpha": alpha,
