@@ -9,14 +9,19 @@ run: wall time, seconds per block (median, max), GPU peak memory (``max_memory_a
 against the bound "one block × (K + 2) + the block's activations + its statistics", the CPU
 peak RSS of the run (``VmHWM`` reset before it) and, on the CPU, what calibration held (the
 model plus the growth of RSS during the run) against the same bound plus the model; the mean
-proxy loss; then the E-PMQ / GPTQ time ratios. Every finished run is also
-appended to ``--json`` at once, so a run cut short keeps what it measured.
+proxy loss; the logits' mean squared error against the unquantized merge on held-out ids;
+then each run's time over our GPTQ's. ``llmcompressor-gptq`` runs llm-compressor's GPTQ
+(``oneshot``, W4A16: 4-bit g128 symmetric, its defaults) on the same merge, read back from a
+saved folder, with the same calibration ids, on the same device, after ours: the same figures
+(``benchmarks/llmcompressor_oneshot.py``). Every finished run is also appended to ``--json``
+at once, so a run cut short keeps what it measured.
 
     python benchmarks/bench_device.py --preset gpu          # ~1.1B, K = 8, 4-bit g128, CUDA
     python benchmarks/bench_device.py --preset cpu          # a small model that runs in minutes
     python benchmarks/bench_device.py --preset gpu --seqs 128 --runs gptq,epmq-quantized
 
-Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``.
+Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``,
+``llmcompressor-gptq`` (skipped with one line where llm-compressor cannot be imported).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         experts=8, seqs=8, tokens=128, batch=4, dtype="float32", device="cpu",
     ),
 }  # fmt: skip
+THEIRS = "llmcompressor-gptq"  # llm-compressor's GPTQ through oneshot, for comparison
 RUNS = {
     "gptq": ("gptq", "quantized"),
     "epmq-quantized": ("epmq", "quantized"),
@@ -140,8 +146,104 @@ def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
     return block_bytes * (args.experts + 2) + activations + stats
 
 
+def score_ids(args: argparse.Namespace) -> Any:
+    """Held-out token ids over the whole vocabulary: 2 sequences of up to 128 tokens."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(0, args.vocab, (2, min(128, args.tokens)), generator=gen)
+
+
+def logits(model: Any, ids: Any) -> Any:
+    """``model``'s float32 logits on ``ids`` (CPU tensors), computed on the model's device."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def start_peaks(cuda: bool) -> tuple[int | None, bool]:
+    """Reset the peak counters before a run: (RSS now, whether VmHWM could be reset)."""
+    import torch
+
+    gc.collect()
+    rss_start = status_bytes("VmRSS")
+    reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return rss_start, reset
+
+
+def peak_fields(
+    args: argparse.Namespace, model: Any, x_source: str, rss_start: int | None, reset: bool
+) -> dict[str, Any]:
+    """The run's CPU peak RSS and GPU peak against the issue's bound (see the docstring)."""
+    import torch
+
+    row: dict[str, Any] = {}
+    cuda = args.device.startswith("cuda")
+    peak_rss = status_bytes("VmHWM") if reset else None  # else: the process's whole life
+    if peak_rss is None:
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["cpu_rss_start_gib"] = None if rss_start is None else round(rss_start / 2**30, 2)
+    row["cpu_peak_rss_gib"] = round(peak_rss / 2**30, 2)
+    if not cuda and rss_start is not None:
+        # what calibration holds: the model plus the growth above the start (libraries, the
+        # calibration data and the build's leftovers are not counted)
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        held = peak_rss - rss_start + model_bytes
+        bound = model_bytes + bound_bytes(args, model, x_source)
+        row.update(
+            cpu_held_gib=round(held / 2**30, 2),
+            cpu_bound_gib=round(bound / 2**30, 2),
+            cpu_held_over_bound=round(held / bound, 2),
+        )
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        bound = bound_bytes(args, model, x_source)
+        row.update(
+            gpu_peak_gib=round(peak / 2**30, 2),
+            gpu_bound_gib=round(bound / 2**30, 2),
+            gpu_peak_over_bound=round(peak / bound, 2),
+        )
+    return row
+
+
+def run_theirs(
+    args: argparse.Namespace, model: Any, state: dict[str, Any], root: Path, reference: Any
+) -> dict[str, Any] | None:
+    """llm-compressor's GPTQ (``oneshot``, W4A16) on the same merge and calibration ids."""
+    import torch
+    from llmcompressor_oneshot import load, oneshot_gptq
+
+    folder = root / "merged"
+    if not folder.exists():
+        model.load_state_dict(state)
+        model.save_pretrained(folder)  # oneshot takes a transformers model; ours is in memory
+    theirs = load(folder, getattr(torch, args.dtype))
+    ids = torch.cat([b["input_ids"] for batches in calibration(args).values() for b in batches])
+    rss_start, reset = start_peaks(args.device.startswith("cuda"))
+    wall = oneshot_gptq(theirs, ids, batch_size=args.batch)
+    if wall is None:
+        return None
+    row = {"run": "llmcompressor-gptq", "method": "gptq (llm-compressor oneshot)",
+           "x_source": "quantized", "device": args.device, "wall_s": round(wall, 2)}  # fmt: skip
+    row.update(peak_fields(args, theirs, "quantized", rss_start, reset))
+    row["logits_mse"] = float((logits(theirs, score_ids(args)) - reference).pow(2).mean())
+    del theirs
+    return row
+
+
 def run_one(
-    args: argparse.Namespace, name: str, model: Any, state: dict[str, Any], folders: list[Path]
+    args: argparse.Namespace,
+    name: str,
+    model: Any,
+    state: dict[str, Any],
+    folders: list[Path],
+    reference: Any,
 ) -> dict[str, Any]:
     import torch
 
@@ -154,13 +256,7 @@ def run_one(
     calib = calibration(args)
     experts = [SafetensorsExpert(f, name=f"task{i}") for i, f in enumerate(folders)]
     cuda = args.device.startswith("cuda")
-    gc.collect()
-    rss_start = status_bytes("VmRSS")
-    reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    rss_start, reset = start_peaks(cuda)
     stamps: list[float] = []
     start = time.perf_counter()
 
@@ -194,30 +290,8 @@ def run_one(
         "solve_s": round(sum(r.seconds for r in run.layers), 2),
         "mean_proxy_loss": float(sum(losses) / len(losses)),
     }
-    peak_rss = status_bytes("VmHWM") if reset else None  # else: the process's whole life
-    if peak_rss is None:
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    row["cpu_rss_start_gib"] = None if rss_start is None else round(rss_start / 2**30, 2)
-    row["cpu_peak_rss_gib"] = round(peak_rss / 2**30, 2)
-    if not cuda and rss_start is not None:
-        # what calibration holds: the model plus the growth above the start (libraries, the
-        # calibration data and the build's leftovers are not counted)
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        held = peak_rss - rss_start + model_bytes
-        bound = model_bytes + bound_bytes(args, model, x_source)
-        row.update(
-            cpu_held_gib=round(held / 2**30, 2),
-            cpu_bound_gib=round(bound / 2**30, 2),
-            cpu_held_over_bound=round(held / bound, 2),
-        )
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        bound = bound_bytes(args, model, x_source)
-        row.update(
-            gpu_peak_gib=round(peak / 2**30, 2),
-            gpu_bound_gib=round(bound / 2**30, 2),
-            gpu_peak_over_bound=round(peak / bound, 2),
-        )
+    row.update(peak_fields(args, model, x_source, rss_start, reset))
+    row["logits_mse"] = float((logits(model, score_ids(args)) - reference).pow(2).mean())
     return row
 
 
@@ -228,7 +302,7 @@ def main() -> None:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--rank", type=int, default=16, help="rank of each expert's deltas")
     parser.add_argument("--delta", type=float, default=0.5, help="delta size × weight std")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs")
+    parser.add_argument("--runs", default=",".join([*RUNS, THEIRS]), help="comma-separated runs")
     parser.add_argument("--json", type=Path, default=None, help="append every row here")
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
@@ -241,9 +315,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if r not in RUNS and r != THEIRS]
     if unknown:
-        parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
+        parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join([*RUNS, THEIRS])}")
     with tempfile.TemporaryDirectory(prefix="epmq-bench-device-") as tmp:
         clock = time.perf_counter()
         model, state, folders = build(args, Path(tmp))
@@ -260,8 +334,14 @@ def main() -> None:
         }
         print(json.dumps(header), flush=True)
         rows = []
+        reference = logits(model, score_ids(args))  # the unquantized merge's
         for name in runs:
-            row = run_one(args, name, model, state, folders)
+            if name == THEIRS:
+                row = run_theirs(args, model, state, Path(tmp), reference)
+                if row is None:
+                    continue
+            else:
+                row = run_one(args, name, model, state, folders, reference)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json is not None:
