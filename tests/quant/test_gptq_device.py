@@ -25,12 +25,12 @@ def test_column_loop_never_reads_values_on_the_host(fit_groups: bool, permuted: 
     scales_t = torch.empty(cols // gs, rows, device=META)
     zeros_t = torch.empty(cols // gs, rows, device=META)
     col_group = torch.empty(cols, dtype=torch.long, device=META) if permuted else None
-    codes_t, err_sq = _quantize_columns(
+    codes_t, err_sq, d_sq = _quantize_columns(
         Wt, V, QuantGrid(4, gs), scales_t, zeros_t, gs, fit_groups=fit_groups,
         col_group=col_group, block_size=32, sub_block=8,
     )  # fmt: skip
     assert codes_t.device == err_sq.device == META
-    assert codes_t.shape == (cols, rows) and err_sq.dtype == torch.float64
+    assert codes_t.shape == (cols, rows) and err_sq.dtype == d_sq.dtype == torch.float64
 
 
 def test_reverse_cholesky_factor_is_upper_and_inverts_to_the_reference_u(
@@ -39,8 +39,8 @@ def test_reverse_cholesky_factor_is_upper_and_inverts_to_the_reference_u(
     """``H_d = V V^T`` with V upper, and ``V^-1`` is the reference's upper Cholesky factor U
     of ``H_d^-1`` (what the solver's in-block updates use, block by block)."""
     _, _, h = make_layer(4, 37, seed=0)
-    V, damping, retries = _reverse_cholesky(h, 0.01, 0)
     hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(37, dtype=h.dtype)
+    V, damping, retries = _reverse_cholesky(h.flip(0, 1), torch.diagonal(h).mean(), 0.01, 0)
     assert (damping, retries) == (0.01, 0)
     assert torch.equal(V, V.triu())
     assert torch.allclose(V @ V.T, hd, rtol=0, atol=1e-12)

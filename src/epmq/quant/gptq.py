@@ -23,7 +23,7 @@ Layout: the solver works on ``W^T`` [in, out], so column j of W is the contiguou
 ``Wt[j]``; every per-column operation reads and writes contiguous memory, in place.
 
 The proxy loss comes from the errors the loop produced, ``||Err||^2 - damp ||Q - W||^2``,
-without another [out, in] x [in, in] product (:func:`_loss_from_errors`).
+without another [out, in] x [in, in] product.
 
 Devices: everything lives on the weight's device, and the column loop never reads a tensor
 value on the host (no ``.item()``, no branch on values), so a CUDA weight is solved without
@@ -96,34 +96,41 @@ def gptq(
     gs = cols if grid.group_size == -1 else grid.group_size
 
     # Dead inputs (never active): their weights are irrelevant; zero them, make H invertible.
-    H = h_target.clone()
-    dead = torch.diagonal(H) == 0
-    H.diagonal().masked_fill_(dead, 1.0)
-    W = w_target.masked_fill(dead, 0.0)
+    dead = torch.diagonal(h_target) == 0
+    h_diag = torch.diagonal(h_target).masked_fill(dead, 1.0)  # H's diagonal, dead set to 1
+    perm = torch.argsort(h_diag, descending=True) if act_order else None
 
     fixed = static_groups or grid.group_size == -1  # groups fitted once, on the original W
     if fixed:  # all groups at once: row r of group g is row r * n_groups + g of the reshape
-        scales, zeros = (t.view(rows, n_groups) for t in grid.fit(W.reshape(-1, gs)))
+        w_live = w_target.masked_fill(dead, 0.0).reshape(-1, gs)
+        scales, zeros = (t.view(rows, n_groups) for t in grid.fit(w_live))
+        del w_live
     else:
         scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
         zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
 
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-
-    V, damping, retries = _reverse_cholesky(H, percdamp, max_damping_retries)
-    lam = damping * torch.diagonal(H).mean()  # the damping added to H's diagonal
-    del H
+    # W^T [in, out] and H in the order the columns are processed (H reversed, for the
+    # factorisation); one copy of each, dead inputs fixed in place.
+    if perm is None:
+        Wt = w_target.T.contiguous()
+        h_rev = h_target.flip(0, 1)
+        Wt.masked_fill_(dead.unsqueeze(1), 0.0)
+        h_rev.diagonal().copy_(h_diag.flip(0))
+    else:
+        rev = perm.flip(0)
+        Wt = w_target.T.index_select(0, perm)
+        h_rev = h_target.index_select(0, rev).index_select(1, rev)
+        Wt.masked_fill_(dead[perm].unsqueeze(1), 0.0)
+        h_rev.diagonal().copy_(h_diag[rev])
+    V, damping, retries = _reverse_cholesky(h_rev, h_diag.mean(), percdamp, max_damping_retries)
+    del h_rev
 
     # Group of the column processed j-th: j // gs, unless fixed groups are visited permuted.
     col_group = perm // gs if fixed and perm is not None else None
     scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()  # [n_groups, out]
-    Wt = W.T.contiguous()  # [in, out]; W is not used again
-    del W
     if not fixed:  # a fitted group lies in one block and starts a sub-block or lies in one
         block_size = max(block_size // gs, 1) * gs
-    codes_t, err_sq = _quantize_columns(
+    codes_t, err_sq, d_sq = _quantize_columns(
         Wt, V, grid, scales_t, zeros_t, gs, fit_groups=not fixed, col_group=col_group,
         block_size=block_size,
         sub_block=SUB_BLOCK if fixed else _aligned_block(min(SUB_BLOCK, block_size), gs),
@@ -140,27 +147,19 @@ def gptq(
         inverse = torch.argsort(perm)
         codes_t, Wt = codes_t[inverse], Wt[inverse]
     q = Wt.T.contiguous()  # the loop left q_j in Wt[j]
-    loss = None  # exact, by one matmul, where damping had to be raised (see _loss_from_errors)
+    # The loss from the errors the loop saw, without an [in, in] matmul: with D = W - Q (dead
+    # columns are 0 in both) and the damped H_d = H + lam I, W - Q = Err U and
+    # H_d^-1 = U^T U give tr(D H_d D^T) = ||Err||^2, so tr(D H D^T) = ||Err||^2 - lam ||D||^2.
+    # The two terms are close only when the damping dominates H, which is why a raised
+    # damping falls back to the matmul (build_result).
+    loss = None
     if retries == 0:
-        loss = _loss_from_errors(err_sq, lam, q, w_target, dead)
+        loss = float(err_sq - damping * h_diag.double().mean() * d_sq)
     return build_result(
         codes_t.T.contiguous(), scales_t.T.contiguous(), zeros_t.T.contiguous(), g_idx, grid,
         target=w_target, hessian=h_target, damping=damping, damping_retries=retries,
         start=start, weight=q, loss=loss,
     )  # fmt: skip
-
-
-def _loss_from_errors(err_sq: Tensor, lam: Tensor, q: Tensor, w: Tensor, dead: Tensor) -> float:
-    """``tr[(Q - W) H (Q - W)^T]`` from the errors the loop saw, without an [in, in] matmul.
-
-    With D = Q - W (dead columns left out: H is zero there and the solver keeps q = 0) and
-    the damped ``H_d = H + lam I``: W - Q = Err U and ``H_d^-1 = U^T U``, so
-    ``tr(D H_d D^T) = ||Err||^2`` and ``tr(D H D^T) = ||Err||^2 - lam ||D||^2``. The two
-    terms are close only when the damping dominates H, which is why a raised damping falls
-    back to the matmul.
-    """
-    d = (q - w).masked_fill_(dead, 0.0)
-    return float(err_sq - lam.double() * _sum_sq(d))
 
 
 def _sum_sq(t: Tensor) -> Tensor:
@@ -180,8 +179,8 @@ def _quantize_columns(
     col_group: Tensor | None,
     block_size: int,
     sub_block: int,
-) -> tuple[Tensor, Tensor]:
-    """The column loop on ``Wt`` [in, out] with ``H_d = V V^T``; returns codes^T and ``||Err||^2``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The column loop on ``Wt`` [in, out], ``H_d = V V^T``: codes^T, ``||Err||^2``, ``||D||^2``.
 
     On return ``Wt[j]`` holds the dequantized column q_j. With ``fit_groups`` the group
     starting at column j is fitted into ``scales_t[j // gs]`` when the loop reaches it (the
@@ -191,12 +190,13 @@ def _quantize_columns(
     cols, rows = Wt.shape
     codes_t = torch.empty_like(Wt)  # row j: c_j - z (integers), the zero point added at the end
     Dt = torch.empty_like(Wt)  # row j: d_j = w_j - q_j once its block is done (W the input)
-    err_sq = torch.zeros((), dtype=Wt.dtype, device=Wt.device).double()
+    err_sq = torch.zeros((), dtype=torch.float64, device=Wt.device)  # ||Err||^2
+    d_sq = torch.zeros_like(err_sq)  # ||W - Q||^2
     B = torch.empty(block_size, rows, dtype=Wt.dtype, device=Wt.device)  # the block's columns
     Q, E = torch.empty_like(B), torch.empty_like(B)  # the block's q_j and w_j - q_j
     # Codes through the integer offset t = c - z: clamp(round(w/s) + z, 0, maxq) - z equals
     # clamp(round(w/s), -z, maxq - z) exactly (integers in floats), and q = s t.
-    lows_t, highs_t = zeros_t.neg(), zeros_t.neg().add_(grid.maxq)
+    lows_t, highs_t = -zeros_t, grid.maxq - zeros_t
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         n = i2 - i1
@@ -210,7 +210,8 @@ def _quantize_columns(
         # R[j, k] = U[j, k] / U[j, j] for k > j (0 elsewhere): w_k -= R[j, k] (w_j - q_j)
         R = (Ub / Ub.diagonal().unsqueeze(1)).triu_(1)
         if col_group is not None:  # this block's columns' grids, gathered on the device
-            per_col = [t[col_group[i1:i2]].unbind(0) for t in (scales_t, lows_t, highs_t)]
+            cg = col_group[i1:i2]
+            per_col = [t.index_select(0, cg).unbind(0) for t in (scales_t, lows_t, highs_t)]
         with _one_thread(Wt.device):  # tiny per-column ops: thread hand-offs cost more
             for s1 in range(0, n, sub_block):
                 s2 = min(s1 + sub_block, n)
@@ -224,8 +225,7 @@ def _quantize_columns(
                         g = j // gs
                         if fit_groups:
                             scales_t[g], zeros_t[g] = grid.fit(Bb[j - i1 : j - i1 + gs].T)
-                            torch.neg(zeros_t[g], out=lows_t[g])
-                            torch.sub(grid.maxq, zeros_t[g], out=highs_t[g])
+                            lows_t[g], highs_t[g] = -zeros_t[g], grid.maxq - zeros_t[g]
                         s, lo, hi = scales_t[g], lows_t[g], highs_t[g]
                     torch.div(w, s, out=t).round_().clamp_(lo, hi)  # t = c_j - z
                     torch.mul(t, s, out=q)  # q_j = s (c_j - z)
@@ -234,13 +234,13 @@ def _quantize_columns(
                 # the rest of the block absorbs the sub-block's errors: W -= Err U, transposed
                 Bb[s2:].addmm_(R[s1:s2, s2:].T, E[s1:s2], alpha=-1.0)
         err_sq += _sum_sq(E[:n].mul_(V.diagonal()[i1:i2].unsqueeze(1)))  # err_j: 1/U[j,j] = V[j,j]
-        torch.sub(Wt[i1:i2], Q[:n], out=Dt[i1:i2])
+        d_sq += _sum_sq(torch.sub(Wt[i1:i2], Q[:n], out=Dt[i1:i2]))
         Wt[i1:i2] = Q[:n]
     if col_group is None:  # c = t + z, group by group
         codes_t.view(-1, gs, rows).add_(zeros_t.unsqueeze(1))
     else:
         codes_t.add_(zeros_t.index_select(0, col_group))
-    return codes_t, err_sq
+    return codes_t, err_sq, d_sq
 
 
 @contextlib.contextmanager
@@ -299,25 +299,28 @@ def _aligned_block(block_size: int, group_size: int) -> int:
     return max(d for d in range(1, block_size + 1) if group_size % d == 0)
 
 
-def _reverse_cholesky(h: Tensor, percdamp: float, max_retries: int) -> tuple[Tensor, float, int]:
-    """Upper-triangular V with ``H + damp I = V V^T``, with damping retries.
+def _reverse_cholesky(
+    h_rev: Tensor, mean_diag: Tensor, percdamp: float, max_retries: int
+) -> tuple[Tensor, float, int]:
+    """Upper-triangular V with ``H + damp I = V V^T``, from ``h_rev = J H J``; damping retries.
 
-    ``damp = percdamp * mean(diag H)``; on a non-positive-definite matrix ``percdamp`` is
-    multiplied by 10 (0.01 if it was 0) up to ``max_retries`` times.
+    ``damp = percdamp * mean_diag`` is added to ``h_rev``'s diagonal, in place; on a
+    non-positive-definite matrix ``percdamp`` is multiplied by 10 (0.01 if it was 0) up to
+    ``max_retries`` times.
 
     With J the reversal permutation and ``J H_d J = L L^T`` (Cholesky of H_d reversed),
     ``V = J L J`` is upper triangular and ``H_d = V V^T``, so ``H_d^-1 = U^T U`` with
     ``U = V^-1``: the reference's upper Cholesky factor of H_d^-1, which the solver never forms
     beyond one diagonal block at a time.
     """
-    mean_diag = float(torch.diagonal(h).mean())
-    damp = percdamp
+    mean = float(mean_diag)
+    damp, added = percdamp, 0.0
     for attempt in range(max_retries + 1):
-        hd = h.flip(0, 1)
-        hd.diagonal().add_(damp * mean_diag)
+        h_rev.diagonal().add_(damp * mean - added)
+        added = damp * mean
         # info == 0: every pivot positive, so L is finite (an Inf or NaN anywhere in a column
         # reaches a later pivot through the sum of squares and stops the factorisation)
-        L, info = torch.linalg.cholesky_ex(hd)
+        L, info = torch.linalg.cholesky_ex(h_rev)
         if int(info) == 0:
             if attempt:
                 logger.warning(
