@@ -109,21 +109,18 @@ def gptq(
         scales = torch.empty(rows, n_groups, dtype=dtype, device=dev)
         zeros = torch.empty(rows, n_groups, dtype=dtype, device=dev)
 
-    # W^T [in, out] and H in the order the columns are processed (H reversed, for the
-    # factorisation); one copy of each, dead inputs fixed in place.
+    # W^T [in, out] and H in the order the columns are processed (dead inputs: W^T's rows
+    # zeroed in place, H's diagonal read from h_diag by the factorisation).
     if perm is None:
-        Wt = w_target.T.contiguous()
-        h_rev = h_target.flip(0, 1)
+        Wt, h_order, diag_order = w_target.T.contiguous(), h_target, h_diag
         Wt.masked_fill_(dead.unsqueeze(1), 0.0)
-        h_rev.diagonal().copy_(h_diag.flip(0))
     else:
-        rev = perm.flip(0)
         Wt = w_target.T.index_select(0, perm)
-        h_rev = h_target.index_select(0, rev).index_select(1, rev)
+        h_order = h_target.index_select(0, perm).index_select(1, perm)
         Wt.masked_fill_(dead[perm].unsqueeze(1), 0.0)
-        h_rev.diagonal().copy_(h_diag[rev])
-    V, damping, retries = _reverse_cholesky(h_rev, h_diag.mean(), percdamp, max_damping_retries)
-    del h_rev
+        diag_order = h_diag[perm]
+    V, damping, retries = _reverse_cholesky(h_order, diag_order, percdamp, max_damping_retries)
+    del h_order
 
     # Group of the column processed j-th: j // gs, unless fixed groups are visited permuted.
     col_group = perm // gs if fixed and perm is not None else None
@@ -300,28 +297,40 @@ def _aligned_block(block_size: int, group_size: int) -> int:
 
 
 def _reverse_cholesky(
-    h_rev: Tensor, mean_diag: Tensor, percdamp: float, max_retries: int
+    h: Tensor, diag: Tensor, percdamp: float, max_retries: int, block: int = 256
 ) -> tuple[Tensor, float, int]:
-    """Upper-triangular V with ``H + damp I = V V^T``, from ``h_rev = J H J``; damping retries.
+    """Upper-triangular V with ``H_d = V V^T``, H_d = H with ``diag + damp`` on its diagonal.
 
-    ``damp = percdamp * mean_diag`` is added to ``h_rev``'s diagonal, in place; on a
-    non-positive-definite matrix ``percdamp`` is multiplied by 10 (0.01 if it was 0) up to
-    ``max_retries`` times.
-
-    With J the reversal permutation and ``J H_d J = L L^T`` (Cholesky of H_d reversed),
-    ``V = J L J`` is upper triangular and ``H_d = V V^T``, so ``H_d^-1 = U^T U`` with
+    ``damp = percdamp * mean(diag)``; on a non-positive-definite matrix ``percdamp`` is
+    multiplied by 10 (0.01 if it was 0) up to ``max_retries`` times. ``H_d^-1 = U^T U`` with
     ``U = V^-1``: the reference's upper Cholesky factor of H_d^-1, which the solver never forms
     beyond one diagonal block at a time.
+
+    Block columns from the last to the first (left-looking; the Cholesky factorisation of H
+    with rows and columns reversed): with the columns after block b done,
+    ``A = H_d[:b+, b] - V[:b+, >b] V[b, >b]^T`` (rows up to the block's end), the diagonal
+    block ``C C^T = A[b]`` (C upper: a small Cholesky, reversed) and ``V[<b, b] = A[<b] C^-T``.
+    n^3/6 multiply-adds in matmuls; no copy of H, no reversal of the whole matrix.
     """
-    mean = float(mean_diag)
-    damp, added = percdamp, 0.0
+    n = h.shape[0]
+    mean = float(diag.mean())
+    damp = percdamp
     for attempt in range(max_retries + 1):
-        h_rev.diagonal().add_(damp * mean - added)
-        added = damp * mean
-        # info == 0: every pivot positive, so L is finite (an Inf or NaN anywhere in a column
-        # reaches a later pivot through the sum of squares and stops the factorisation)
-        L, info = torch.linalg.cholesky_ex(h_rev)
-        if int(info) == 0:
+        V = torch.zeros_like(h)
+        failed = torch.zeros((), dtype=torch.bool, device=h.device)  # read once, at the end
+        for i2 in range(n, 0, -block):
+            i1 = max(i2 - block, 0)
+            A = h[:i2, i1:i2].clone()
+            A[i1:i2].diagonal().copy_(diag[i1:i2]).add_(damp * mean)
+            if i2 < n:
+                A.addmm_(V[:i2, i2:], V[i1:i2, i2:].T, alpha=-1.0)
+            L, info = torch.linalg.cholesky_ex(A[i1:i2].flip(0, 1))
+            failed |= info != 0  # a pivot <= 0 (or NaN): not positive definite
+            C = L.flip(0, 1)
+            V[i1:i2, i1:i2] = C
+            if i1:
+                V[:i1, i1:i2] = torch.linalg.solve_triangular(C.T, A[:i1], upper=False, left=False)
+        if not bool(failed):
             if attempt:
                 logger.warning(
                     "hessian not positive definite with percdamp=%g; succeeded with "
@@ -330,7 +339,7 @@ def _reverse_cholesky(
                     damp,
                     attempt,
                 )
-            return L.flip(0, 1), damp, attempt
+            return V, damp, attempt
         damp = damp * 10 if damp > 0 else 0.01
     raise EpmqError(
         f"hessian is not positive definite even with percdamp={damp / 10:g} "
