@@ -57,11 +57,13 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128, help="per task")
     parser.add_argument("--bits", default="4,3", help="comma list")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--symmetric", action="store_true", help="symmetric grid")
     ns = parser.parse_args()
     layers = capture_hessians(ns.tasks.split(","), ns.examples)
-    print(f"tasks={ns.tasks} examples={ns.examples} g{ns.group_size} asymmetric (the default)")
+    kind = "symmetric" if ns.symmetric else "asymmetric (the default)"
+    print(f"tasks={ns.tasks} examples={ns.examples} g{ns.group_size} {kind}")
     for bits in (int(b) for b in ns.bits.split(",")):
-        grid = QuantGrid(bits, ns.group_size)
+        grid = QuantGrid(bits, ns.group_size, ns.symmetric)
         sums: dict[str, list[float]] = {}
         for name, (w, h) in layers.items():
             dynamic = gptq(w, h, grid).proxy_loss
