@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from epmq.quant import QuantGrid, gptq, proxy_loss
-from epmq.quant.gptq import _lower_inverse, _quantize_columns
+from epmq.quant.gptq import _quantize_columns, _reverse_cholesky
 
 META = torch.device("meta")
 
@@ -21,26 +21,31 @@ def test_column_loop_never_reads_values_on_the_host(fit_groups: bool, permuted: 
     mixing them with a tensor created on the CPU by mistake."""
     cols, rows, gs = 64, 8, 16
     Wt = torch.empty(cols, rows, device=META)
-    U = torch.empty(cols, cols, device=META)
+    V = torch.empty(cols, cols, device=META)
     scales_t = torch.empty(cols // gs, rows, device=META)
     zeros_t = torch.empty(cols // gs, rows, device=META)
     col_group = torch.empty(cols, dtype=torch.long, device=META) if permuted else None
-    codes_t, err_sq = _quantize_columns(
-        Wt, U, QuantGrid(4, gs), scales_t, zeros_t, gs, fit_groups=fit_groups,
+    codes_t, err_sq, d_sq = _quantize_columns(
+        Wt, V, QuantGrid(4, gs), scales_t, zeros_t, gs, fit_groups=fit_groups,
         col_group=col_group, block_size=32, sub_block=8,
     )  # fmt: skip
     assert codes_t.device == err_sq.device == META
-    assert codes_t.shape == (cols, rows) and err_sq.dtype == torch.float64
-    assert _lower_inverse(torch.empty(40, 40, device=META), leaf=8).device == META
+    assert codes_t.shape == (cols, rows) and err_sq.dtype == d_sq.dtype == torch.float64
 
 
-def test_lower_inverse_by_halves() -> None:
-    g = torch.Generator().manual_seed(0)
-    L = torch.randn(37, 37, generator=g, dtype=torch.float64).tril()
-    L.diagonal().copy_(torch.rand(37, generator=g, dtype=torch.float64) + 1.0)
-    inv = _lower_inverse(L, leaf=4)
-    assert torch.equal(inv, inv.tril())
-    assert torch.allclose(inv @ L, torch.eye(37, dtype=torch.float64), atol=1e-12)
+def test_reverse_cholesky_factor_is_upper_and_inverts_to_the_reference_u(
+    make_layer: Callable,
+) -> None:
+    """``H_d = V V^T`` with V upper, and ``V^-1`` is the reference's upper Cholesky factor U
+    of ``H_d^-1`` (what the solver's in-block updates use, block by block)."""
+    _, _, h = make_layer(4, 37, seed=0)
+    hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(37, dtype=h.dtype)
+    V, damping, retries = _reverse_cholesky(h, torch.diagonal(h), 0.01, 0, block=8)  # 5 blocks
+    assert (damping, retries) == (0.01, 0)
+    assert torch.equal(V, V.triu())
+    assert torch.allclose(V @ V.T, hd, rtol=0, atol=1e-12)
+    reference_u = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    assert torch.allclose(torch.linalg.inv(V), reference_u, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
