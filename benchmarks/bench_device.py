@@ -123,10 +123,29 @@ def calibration(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     return calib
 
 
-def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
+def statistics_bytes(args: argparse.Namespace, method: str, x_source: str) -> int:
+    """Float32 statistics of the block's largest linear group while it is calibrated: per
+    linear, the current task's Gram accumulator (and cross term with the expert stream), the
+    folded sum S and, for E-PMQ, B = Σ_i W_i H_i (out × in)."""
+    head_dim = args.hidden // args.heads
+    kv = args.kv_heads * head_dim
+    h, m = args.hidden, args.intermediate
+    groups = [  # (in, out) of each linear, Llama's true-sequential groups
+        [(h, h), (h, kv), (h, kv)], [(h, h)], [(h, m), (h, m)], [(m, h)],
+    ]  # fmt: skip
+    squares = 3 if x_source == "expert" else 2
+    rows = method == "epmq"
+
+    def group_bytes(group: list[tuple[int, int]]) -> int:
+        return sum(4 * (squares * i * i + (o * i if rows else 0)) for i, o in group)
+
+    return max(group_bytes(g) for g in groups)
+
+
+def bound_bytes(args: argparse.Namespace, model: Any, method: str, x_source: str) -> int:
     """The device's share of the issue's bound: one block × (K + 2) + the block's activations
     (every task's inputs and outputs, twice with the expert stream) + the statistics of its
-    widest linear group (S, and B / crosses). On the CPU the model itself is added."""
+    largest linear group (:func:`statistics_bytes`). On the CPU the model itself is added."""
     import torch
 
     block = model.model.layers[0]
@@ -135,13 +154,17 @@ def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
     tokens = args.experts * args.seqs * args.tokens
     streams = 2 if x_source == "expert" else 1
     activations = 2 * streams * tokens * args.hidden * element
-    widest = max(args.hidden, args.intermediate)
-    stats = (2 if x_source == "expert" else 1) * widest * widest * 4 + args.hidden * widest * 4
+    stats = statistics_bytes(args, method, x_source)
     return block_bytes * (args.experts + 2) + activations + stats
 
 
 def run_one(
-    args: argparse.Namespace, name: str, model: Any, state: dict[str, Any], folders: list[Path]
+    args: argparse.Namespace,
+    name: str,
+    model: Any,
+    state: dict[str, Any],
+    folders: list[Path],
+    offload_dir: Path | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -178,13 +201,16 @@ def run_one(
         experts=experts,
         x_source=x_source,
         **declared(method, alpha=0.1),
-        engine=EngineOptions(progress=False, on_block_end=block_done, device=args.device),
+        engine=EngineOptions(
+            progress=False, on_block_end=block_done, device=args.device, offload_dir=offload_dir
+        ),
     )
     wall = time.perf_counter() - start
     per_block = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     losses = [r.proxy_loss for r in run.layers]
     row = {
         "run": name,
+        "offload": offload_dir is not None,
         "method": method,
         "x_source": x_source,
         "device": args.device,
@@ -204,7 +230,7 @@ def run_one(
         # calibration data and the build's leftovers are not counted)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         held = peak_rss - rss_start + model_bytes
-        bound = model_bytes + bound_bytes(args, model, x_source)
+        bound = model_bytes + bound_bytes(args, model, method, x_source)
         row.update(
             cpu_held_gib=round(held / 2**30, 2),
             cpu_bound_gib=round(bound / 2**30, 2),
@@ -212,7 +238,7 @@ def run_one(
         )
     if cuda:
         peak = torch.cuda.max_memory_allocated()
-        bound = bound_bytes(args, model, x_source)
+        bound = bound_bytes(args, model, method, x_source)
         row.update(
             gpu_peak_gib=round(peak / 2**30, 2),
             gpu_bound_gib=round(bound / 2**30, 2),
@@ -230,6 +256,12 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=0.5, help="delta size × weight std")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs")
     parser.add_argument("--json", type=Path, default=None, help="append every row here")
+    parser.add_argument(
+        "--offload-dir",
+        type=Path,
+        default=None,
+        help="also run each run with its activations offloaded there (in turn with in memory)",
+    )
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -260,19 +292,33 @@ def main() -> None:
         }
         print(json.dumps(header), flush=True)
         rows = []
+        offloads = [None] if args.offload_dir is None else [None, args.offload_dir]
         for name in runs:
-            row = run_one(args, name, model, state, folders)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.json is not None:
-                with args.json.open("a") as handle:
-                    handle.write(json.dumps({**header, **row}) + "\n")
-    gptq = next((r for r in rows if r["run"] == "gptq"), None)
+            for offload_dir in offloads:
+                row = run_one(args, name, model, state, folders, offload_dir)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json is not None:
+                    with args.json.open("a") as handle:
+                        handle.write(json.dumps({**header, **row}) + "\n")
+    in_memory = [r for r in rows if not r["offload"]]
+    gptq = next((r for r in in_memory if r["run"] == "gptq"), None)
     if gptq is not None:
-        for row in rows:
+        for row in in_memory:
             if row is not gptq:
                 ratio = row["wall_s"] / gptq["wall_s"]
                 print(f"{row['run']} / gptq wall time: {ratio:.2f}", flush=True)
+    for row in rows:
+        if row["offload"]:
+            plain = next(r for r in in_memory if r["run"] == row["run"])
+            time_ratio = row["wall_s"] / plain["wall_s"]
+            memory = "cpu_held_gib" if "cpu_held_gib" in row else "cpu_peak_rss_gib"
+            memory_ratio = row[memory] / plain[memory]
+            print(
+                f"{row['run']} offloaded / in memory: wall {time_ratio:.2f}, "
+                f"{memory} {memory_ratio:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def test_reuse_is_exact_and_used(
     served: list[str] = []
     original = FinalOutputs._server
 
-    def counting(self: FinalOutputs, outputs: dict) -> Any:
-        inner = original(self, outputs)
+    def counting(self: FinalOutputs, outputs: dict, last: bool) -> Any:
+        inner = original(self, outputs, last)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             served.append(family)
@@ -94,3 +94,22 @@ def test_outputs_larger_than_the_hidden_states_are_not_kept() -> None:
     with reuse.pass_(), reuse.call("t", 0, x):
         again = small(x)
     assert torch.equal(first, again)  # ... so its recorded output is what comes out
+
+
+def test_the_last_pass_records_nothing_and_hands_its_copies_over() -> None:
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    reuse = FinalOutputs(block)
+    reuse.mark_solved(["0"])
+    x = torch.randn(3, 4)
+    with reuse.pass_(), reuse.call("t", 0, x):
+        first = block(x)
+    kept = reuse.served["0"][("t", 0)]
+    reuse.mark_solved(["1"])  # "1" would be recorded by another pass
+    with reuse.pass_(last=True), reuse.call("t", 0, x):
+        out = block[1](block[0](x))
+    assert torch.equal(out, first)
+    assert reuse.served == {}  # nothing kept for a pass that never comes
+    with reuse.pass_(), reuse.call("t", 0, x):  # a pass after the last: all recomputed
+        block(x)
+    assert set(reuse.served) == {"0", "1"}
+    assert kept is not None
