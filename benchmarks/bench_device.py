@@ -9,12 +9,15 @@ run: wall time, seconds per block (median, max), GPU peak memory (``max_memory_a
 against the bound "one block × (K + 2) + the block's activations + its statistics", the CPU
 peak RSS of the run (``VmHWM`` reset before it) and, on the CPU, what calibration held (the
 model plus the growth of RSS during the run) against the same bound plus the model; the mean
-proxy loss; then the E-PMQ / GPTQ time ratios. Every finished run is also
+proxy loss; then the E-PMQ / GPTQ time ratios. With ``--offload-dir`` every run is made twice
+in turn, in memory and with its activations offloaded there, and the offloaded / in-memory
+ratios of wall time and memory are printed. Every finished run is also
 appended to ``--json`` at once, so a run cut short keeps what it measured.
 
     python benchmarks/bench_device.py --preset gpu          # ~1.1B, K = 8, 4-bit g128, CUDA
     python benchmarks/bench_device.py --preset cpu          # a small model that runs in minutes
     python benchmarks/bench_device.py --preset gpu --seqs 128 --runs gptq,epmq-quantized
+    python benchmarks/bench_device.py --preset cpu --offload-dir /tmp/offload
 
 Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``.
 """
@@ -22,6 +25,8 @@ Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import resource
@@ -158,6 +163,14 @@ def bound_bytes(args: argparse.Namespace, model: Any, method: str, x_source: str
     return block_bytes * (args.experts + 2) + activations + stats
 
 
+def release_freed_memory() -> None:
+    """Hand the memory earlier runs freed back to the OS (glibc ``malloc_trim``): else a run
+    reuses it without raising RSS, and its growth above the start understates what it held
+    (every run after the first in a process read low before this)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_one(
     args: argparse.Namespace,
     name: str,
@@ -178,6 +191,7 @@ def run_one(
     experts = [SafetensorsExpert(f, name=f"task{i}") for i, f in enumerate(folders)]
     cuda = args.device.startswith("cuda")
     gc.collect()
+    release_freed_memory()
     rss_start = status_bytes("VmRSS")
     reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
     if cuda:
@@ -202,7 +216,10 @@ def run_one(
         x_source=x_source,
         **declared(method, alpha=0.1),
         engine=EngineOptions(
-            progress=False, on_block_end=block_done, device=args.device, offload_dir=offload_dir
+            progress=False,
+            on_block_end=block_done,
+            device=args.device,
+            **({} if offload_dir is None else {"offload_dir": offload_dir}),
         ),
     )
     wall = time.perf_counter() - start

@@ -246,6 +246,8 @@ def quantize_model(
                     run.grams.update(outcome.grams)
                     if checkpoint is not None:
                         checkpoint.save(stage.name, index, weights, results, records)
+                for expert in expert_list or ():
+                    expert.close()  # this block's tensors are read: unmap its files
                 run.results.update(results)
                 run.layers.extend(records)
                 bar.update(1)

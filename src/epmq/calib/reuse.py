@@ -72,10 +72,14 @@ class FinalOutputs:
             del self.served[outer]
 
     def _candidates(self) -> list[str]:
-        """Sub-modules holding linears, all solved, not inside one already served."""
+        """Sub-modules holding linears, all solved, not inside one already served. A lone
+        linear is no candidate: serving its output saves one matmul and costs a copy of
+        every task's activations (Llama's q, k, v would hold three)."""
         out = []
         for name, linears in self._linears.items():
             if not linears or not linears <= self.solved or name in self.served:
+                continue
+            if isinstance(self.block.get_submodule(name), nn.Linear):
                 continue
             if any(name.startswith(f"{s}.") for s in self.served):
                 continue
