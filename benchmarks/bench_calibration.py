@@ -18,6 +18,8 @@ Wall times depend on CPU load: on a shared machine, compare CPU times and ratios
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -149,6 +151,29 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return status_bytes("VmHWM") is not None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory earlier runs freed back to the OS (glibc ``malloc_trim``): else a run
+    reuses it without raising RSS, and its growth above the start understates what it held
+    (every run after the first in a process read low before this)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def start_peaks(cuda: bool) -> tuple[int | None, bool]:
+    """Reset the peak counters before a run: (RSS now, whether VmHWM could be reset)."""
+    import torch
+
+    gc.collect()
+    release_freed_memory()
+    rss_start = status_bytes("VmRSS")
+    reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return rss_start, reset
 
 
 def cpu_seconds() -> float:

@@ -14,11 +14,14 @@ then each run's time over our GPTQ's. ``llmcompressor-gptq`` runs llm-compressor
 (``oneshot``, W4A16: 4-bit g128 symmetric, its defaults) on the same merge, read back from a
 saved folder, with the same calibration ids, on the same device, after ours: the same figures
 (``benchmarks/llmcompressor_oneshot.py``). Every finished run is also appended to ``--json``
-at once, so a run cut short keeps what it measured.
+at once, so a run cut short keeps what it measured. With ``--offload-dir`` every run of ours
+is made twice in turn, in memory and with its activations offloaded there, and the offloaded
+/ in-memory ratios of wall time and memory are printed.
 
     python benchmarks/bench_device.py --preset gpu          # ~1.1B, K = 8, 4-bit g128, CUDA
     python benchmarks/bench_device.py --preset cpu          # a small model that runs in minutes
     python benchmarks/bench_device.py --preset gpu --seqs 128 --runs gptq,epmq-quantized
+    python benchmarks/bench_device.py --preset cpu --offload-dir /tmp/offload
 
 Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``,
 ``llmcompressor-gptq`` (skipped with one line where llm-compressor cannot be imported).
@@ -27,7 +30,6 @@ Runs: ``gptq`` (x_source quantized), ``epmq-quantized``, ``epmq-expert``,
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import statistics
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_calibration import reset_peak_rss, status_bytes
+from bench_calibration import start_peaks, status_bytes
 
 PRESETS: dict[str, dict[str, Any]] = {
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads
@@ -129,10 +131,29 @@ def calibration(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     return calib
 
 
-def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
+def statistics_bytes(args: argparse.Namespace, method: str, x_source: str) -> int:
+    """Float32 statistics of the block's largest linear group while it is calibrated: per
+    linear, the current task's Gram accumulator (and cross term with the expert stream), the
+    folded sum S and, for E-PMQ, B = Σ_i W_i H_i (out × in)."""
+    head_dim = args.hidden // args.heads
+    kv = args.kv_heads * head_dim
+    h, m = args.hidden, args.intermediate
+    groups = [  # (in, out) of each linear, Llama's true-sequential groups
+        [(h, h), (h, kv), (h, kv)], [(h, h)], [(h, m), (h, m)], [(m, h)],
+    ]  # fmt: skip
+    squares = 3 if x_source == "expert" else 2
+    rows = method == "epmq"
+
+    def group_bytes(group: list[tuple[int, int]]) -> int:
+        return sum(4 * (squares * i * i + (o * i if rows else 0)) for i, o in group)
+
+    return max(group_bytes(g) for g in groups)
+
+
+def bound_bytes(args: argparse.Namespace, model: Any, method: str, x_source: str) -> int:
     """The device's share of the issue's bound: one block × (K + 2) + the block's activations
     (every task's inputs and outputs, twice with the expert stream) + the statistics of its
-    widest linear group (S, and B / crosses). On the CPU the model itself is added."""
+    largest linear group (:func:`statistics_bytes`). On the CPU the model itself is added."""
     import torch
 
     block = model.model.layers[0]
@@ -141,8 +162,7 @@ def bound_bytes(args: argparse.Namespace, model: Any, x_source: str) -> int:
     tokens = args.experts * args.seqs * args.tokens
     streams = 2 if x_source == "expert" else 1
     activations = 2 * streams * tokens * args.hidden * element
-    widest = max(args.hidden, args.intermediate)
-    stats = (2 if x_source == "expert" else 1) * widest * widest * 4 + args.hidden * widest * 4
+    stats = statistics_bytes(args, method, x_source)
     return block_bytes * (args.experts + 2) + activations + stats
 
 
@@ -163,22 +183,13 @@ def logits(model: Any, ids: Any) -> Any:
         return model(input_ids=ids.to(device)).logits.float().cpu()
 
 
-def start_peaks(cuda: bool) -> tuple[int | None, bool]:
-    """Reset the peak counters before a run: (RSS now, whether VmHWM could be reset)."""
-    import torch
-
-    gc.collect()
-    rss_start = status_bytes("VmRSS")
-    reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return rss_start, reset
-
-
 def peak_fields(
-    args: argparse.Namespace, model: Any, x_source: str, rss_start: int | None, reset: bool
+    args: argparse.Namespace,
+    model: Any,
+    method: str,
+    x_source: str,
+    rss_start: int | None,
+    reset: bool,
 ) -> dict[str, Any]:
     """The run's CPU peak RSS and GPU peak against the issue's bound (see the docstring)."""
     import torch
@@ -195,7 +206,7 @@ def peak_fields(
         # calibration data and the build's leftovers are not counted)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         held = peak_rss - rss_start + model_bytes
-        bound = model_bytes + bound_bytes(args, model, x_source)
+        bound = model_bytes + bound_bytes(args, model, method, x_source)
         row.update(
             cpu_held_gib=round(held / 2**30, 2),
             cpu_bound_gib=round(bound / 2**30, 2),
@@ -203,7 +214,7 @@ def peak_fields(
         )
     if cuda:
         peak = torch.cuda.max_memory_allocated()
-        bound = bound_bytes(args, model, x_source)
+        bound = bound_bytes(args, model, method, x_source)
         row.update(
             gpu_peak_gib=round(peak / 2**30, 2),
             gpu_bound_gib=round(bound / 2**30, 2),
@@ -229,9 +240,9 @@ def run_theirs(
     wall = oneshot_gptq(theirs, ids, batch_size=args.batch)
     if wall is None:
         return None
-    row = {"run": "llmcompressor-gptq", "method": "gptq (llm-compressor oneshot)",
+    row = {"run": THEIRS, "offload": False, "method": "gptq (llm-compressor oneshot)",
            "x_source": "quantized", "device": args.device, "wall_s": round(wall, 2)}  # fmt: skip
-    row.update(peak_fields(args, theirs, "quantized", rss_start, reset))
+    row.update(peak_fields(args, theirs, "gptq", "quantized", rss_start, reset))
     row["logits_mse"] = float((logits(theirs, score_ids(args)) - reference).pow(2).mean())
     del theirs
     return row
@@ -244,6 +255,7 @@ def run_one(
     state: dict[str, Any],
     folders: list[Path],
     reference: Any,
+    offload_dir: Path | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -274,13 +286,19 @@ def run_one(
         experts=experts,
         x_source=x_source,
         **declared(method, alpha=0.1),
-        engine=EngineOptions(progress=False, on_block_end=block_done, device=args.device),
+        engine=EngineOptions(
+            progress=False,
+            on_block_end=block_done,
+            device=args.device,
+            **({} if offload_dir is None else {"offload_dir": offload_dir}),
+        ),
     )
     wall = time.perf_counter() - start
     per_block = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     losses = [r.proxy_loss for r in run.layers]
     row = {
         "run": name,
+        "offload": offload_dir is not None,
         "method": method,
         "x_source": x_source,
         "device": args.device,
@@ -290,7 +308,7 @@ def run_one(
         "solve_s": round(sum(r.seconds for r in run.layers), 2),
         "mean_proxy_loss": float(sum(losses) / len(losses)),
     }
-    row.update(peak_fields(args, model, x_source, rss_start, reset))
+    row.update(peak_fields(args, model, method, x_source, rss_start, reset))
     row["logits_mse"] = float((logits(model, score_ids(args)) - reference).pow(2).mean())
     return row
 
@@ -304,6 +322,12 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=0.5, help="delta size × weight std")
     parser.add_argument("--runs", default=",".join([*RUNS, THEIRS]), help="comma-separated runs")
     parser.add_argument("--json", type=Path, default=None, help="append every row here")
+    parser.add_argument(
+        "--offload-dir",
+        type=Path,
+        default=None,
+        help="also make each of our runs with its activations offloaded there (in turn)",
+    )
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -335,24 +359,38 @@ def main() -> None:
         print(json.dumps(header), flush=True)
         rows = []
         reference = logits(model, score_ids(args))  # the unquantized merge's
+        offloads = [None] if args.offload_dir is None else [None, args.offload_dir]
         for name in runs:
-            if name == THEIRS:
-                row = run_theirs(args, model, state, Path(tmp), reference)
+            for offload_dir in offloads if name != THEIRS else [None]:
+                if name == THEIRS:
+                    row = run_theirs(args, model, state, Path(tmp), reference)
+                else:
+                    row = run_one(args, name, model, state, folders, reference, offload_dir)
                 if row is None:
                     continue
-            else:
-                row = run_one(args, name, model, state, folders, reference)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.json is not None:
-                with args.json.open("a") as handle:
-                    handle.write(json.dumps({**header, **row}) + "\n")
-    gptq = next((r for r in rows if r["run"] == "gptq"), None)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json is not None:
+                    with args.json.open("a") as handle:
+                        handle.write(json.dumps({**header, **row}) + "\n")
+    in_memory = [r for r in rows if not r["offload"]]
+    gptq = next((r for r in in_memory if r["run"] == "gptq"), None)
     if gptq is not None:
-        for row in rows:
+        for row in in_memory:
             if row is not gptq:
                 ratio = row["wall_s"] / gptq["wall_s"]
                 print(f"{row['run']} / gptq wall time: {ratio:.2f}", flush=True)
+    for row in rows:
+        if row["offload"]:
+            plain = next(r for r in in_memory if r["run"] == row["run"])
+            time_ratio = row["wall_s"] / plain["wall_s"]
+            memory = "cpu_held_gib" if "cpu_held_gib" in row else "cpu_peak_rss_gib"
+            memory_ratio = row[memory] / plain[memory]
+            print(
+                f"{row['run']} offloaded / in memory: wall {time_ratio:.2f}, "
+                f"{memory} {memory_ratio:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -463,3 +463,21 @@ def test_merge_regmean_from_calibration_text(
         moved += not torch.equal(value, average[name])
     assert moved >= 12  # every linear weight left the average
     assert (out / "vocab.txt").is_file()
+
+
+def test_offload_dir_exports_the_same_checkpoint(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    argv = ["quantize", "--model", str(data["llama"]), "--method", "gptq", "--bits", "4",
+            "--group-size", "32", *_calib_args(data), *SMALL]  # fmt: skip
+    offload = tmp_path / "scratch"
+    assert (
+        _run([*argv, "--out", str(tmp_path / "a"), "--offload-dir", str(offload)], monkeypatch) == 0
+    )
+    assert _run([*argv, "--out", str(tmp_path / "b")], monkeypatch) == 0
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(offload.iterdir()) == []  # the activations' files are gone

@@ -102,6 +102,18 @@ output: {dir: out}
 """
 
 
+def test_offload_dir_resolves_against_the_file_and_reaches_the_engine(tmp_path: Path) -> None:
+    from epmq.experiment.runner import engine_options
+
+    config = load_config(
+        _write(tmp_path, "suite: text8\ndevice: cpu\ncalibration: {offload_dir: scratch}\n")
+    )
+    assert config.calibration.offload_dir == tmp_path / "scratch"
+    options = engine_options(config, progress=False)
+    assert options.offload_dir == tmp_path / "scratch" and options.device == "cpu"
+    assert engine_options(parse_config({"suite": "text8"})).offload_dir is None
+
+
 def test_expert_head_absolute_or_relative(tmp_path: Path) -> None:
     head = tmp_path / "elsewhere" / "a.safetensors"
     config = load_config(_write(tmp_path, USER_CONFIG.replace("HEAD", str(head))))

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from epmq.calib.capture import BlockCall
 from epmq.calib.distributed import GramReducer, placeholder
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.fold import fold_input_scale, search_input_scales
@@ -58,6 +57,9 @@ class BlockJob:
     keep_grams: bool = False
     reducer: GramReducer | None = None
     stats_cache: StatsCache | None = None
+    #: keep finished sub-modules' outputs for the block's later passes (calib/reuse.py); off
+    #: when activations are offloaded to disk (the copies would sit in memory)
+    reuse_outputs: bool = True
 
     @property
     def prefix(self) -> str:
@@ -104,7 +106,8 @@ class BlockJob:
             # A solver that ignores its inputs (RTN) needs one pass, for the proxy losses.
             sequential = self.true_sequential and self.options.solver.uses_inputs
             plan = groups if sequential else [[n for g in groups for n in g]]
-            reuse = FinalOutputs(self.block) if sequential else None  # exact: calib/reuse.py
+            keep = sequential and self.reuse_outputs
+            reuse = FinalOutputs(self.block) if keep else None  # exact: calib/reuse.py
             slots = norm_slots(sites, plan)  # norms fitted before group k (calib/norms.py)
             for k, group in enumerate(plan):
                 if norms is not None:
@@ -175,10 +178,13 @@ class BlockJob:
     ) -> Streams | None:
         if twins is None or expert_calls is None:
             return None
-        return {
-            task: propagate_calls(self.adapter, self.stage, self.index, twin, expert_calls[task])
-            for task, twin in zip(self.tasks, twins, strict=True)
-        }
+        for task, twin in zip(self.tasks, twins, strict=True):  # in place, task by task
+            task_calls = expert_calls[task]
+            expert_calls[task] = propagate_calls(
+                self.adapter, self.stage, self.index, twin, task_calls
+            )
+            del task_calls
+        return expert_calls
 
     def _calibrate(
         self,
@@ -207,14 +213,13 @@ class BlockJob:
                 task_weights=self.options.task_weights,
                 reduce=self.reducer.reduce_ if self.reducer is not None else None, means=means,
             )  # fmt: skip
-        outputs: Streams | None = {} if propagate else None
         with reuse.pass_() if reuse is not None else contextlib.nullcontext():
             self._record_tasks(
-                names, calls, twins, expert_calls, stats, outputs, regmean_expert, reuse
+                names, calls, twins, expert_calls, stats, propagate, regmean_expert, reuse
             )
         if self.reducer is not None:
             self.reducer.reduce_(stats)
-        return stats, outputs
+        return stats, calls if propagate else None
 
     def _fold_weights(
         self, names: list[str], states: list[dict[str, Tensor]] | None
@@ -241,25 +246,27 @@ class BlockJob:
         twins: list[nn.Module] | None,
         expert_calls: Streams | None,
         stats: TaskStatistics,
-        outputs: Streams | None,
+        propagate: bool,
         regmean_expert: bool,
         reuse: FinalOutputs | None,
     ) -> None:
-        """Run every task's calls through the block, adding the recorded inputs to ``stats``."""
-        propagate = outputs is not None
+        """Run every task's calls through the block, adding the recorded inputs to ``stats``;
+        with ``propagate`` each call is replaced in ``calls`` by the next block's, as it goes
+        (calib/propagate.py)."""
         for t, task in enumerate(self.tasks):
             recorder = LinearInputs(self.block, names, stop=not propagate)
             expert_recorder = (
                 LinearInputs(twins[t], names, stop=True) if twins is not None else None
             )
-            task_out: list[BlockCall] = []
-            for b, call in enumerate(calls[task]):
+            task_calls = calls[task]
+            task_expert_calls = None if expert_calls is None else expert_calls[task]
+            for b, call in enumerate(task_calls):
                 with recorder, served(reuse, self.adapter, task, b, call):
                     recorder.reset(call.mask, call.linear_masks)
                     out = call.run(self.block)
                 expert_inputs = None
-                if expert_recorder is not None and expert_calls is not None:
-                    expert_call = expert_calls[task][b]
+                if expert_recorder is not None and task_expert_calls is not None:
+                    expert_call = task_expert_calls[b]
                     with expert_recorder:
                         expert_recorder.reset(expert_call.mask, expert_call.linear_masks)
                         expert_call.run(expert_recorder.block)
@@ -269,11 +276,13 @@ class BlockJob:
                     stats.add(task, expert_inputs, None)
                 else:
                     stats.add(task, recorder.inputs, expert_inputs)
-                if outputs is not None:
-                    task_out.append(call.advanced(self.adapter, self.stage, self.index, out))
+                if propagate:
+                    task_calls[b] = call.advanced(self.adapter, self.stage, self.index, out)
+                del call, out
             stats.end_task(task)
-            if outputs is not None:
-                outputs[task] = task_out
+            if propagate:
+                calls[task] = task_calls
+            del task_calls, task_expert_calls
 
     def _solve(
         self,

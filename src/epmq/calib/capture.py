@@ -9,7 +9,7 @@ mask, rotary position embeddings, the encoder output — is captured as the mode
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,6 +49,12 @@ class BlockCall:
         """The call of block ``index + 1`` given block ``index``'s ``output``."""
         args, kwargs = adapter.next_block_inputs(stage, index, output, self.args, self.kwargs)
         return replace(self, args=args, kwargs=kwargs)
+
+
+#: task name → that task's block calls in batch order: a dict in memory, or their hidden states
+#: in files (:class:`epmq.calib.offload.OffloadedStreams`). Read a task's calls with
+#: ``streams[task]``; after changing them, assign them back (a no-op in a dict).
+Streams = MutableMapping[str, list[BlockCall]]
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

@@ -39,6 +39,7 @@ from epmq.calib.capture import BlockCall, capture_stage_inputs
 from epmq.calib.checkpoint import BlockCheckpoint
 from epmq.calib.distributed import GramReducer
 from epmq.calib.expert_weights import ExpertWeights, as_expert
+from epmq.calib.offload import ActivationFiles, new_streams
 from epmq.calib.onload import Placement
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import SolveOptions
@@ -102,6 +103,9 @@ class EngineOptions:
         keep_grams: keep every linear's per-task Grams in ``run.grams`` (keyed by parameter
             name, e.g. for a RegMean merge).
         on_block_end: called with ``(stage name, block index)`` after each finished block.
+        offload_dir: keep the activations between blocks (every task's block inputs, and the
+            experts' stream) in files in a private folder there, one task in memory at a
+            time, deleted when the run ends (:mod:`epmq.calib.offload`); same results, slower.
     """
 
     device: str | torch.device | None = None
@@ -113,6 +117,7 @@ class EngineOptions:
     stats_cache: StatsCache | None = None
     keep_grams: bool = False
     on_block_end: BlockCallback | None = None
+    offload_dir: str | Path | None = None
 
 
 def quantize_model(
@@ -195,30 +200,37 @@ def quantize_model(
     model.eval()
     run = CalibrationRun([], {}, settings, 0.0)
     place = Placement.of(model, adapter, stages, engine.device)
-    upfront = {}
-    if x_source == "merged" and data is not None:
-        for s in stages:
-            with place.stage(s):
-                upfront[s.name] = _capture(model, adapter, s, data, place.device)
+    files = None if engine.offload_dir is None else ActivationFiles(engine.offload_dir, adapter)
     total = sum(len(adapter.blocks(model, s)) for s in stages)
     bar = tqdm(total=total, desc="calibrate", unit="block", disable=not engine.progress)
     expert_final: Streams | None = None
     try:
+        upfront = {}
+        if x_source == "merged" and data is not None:
+            for s in stages:
+                with place.stage(s):
+                    upfront[s.name] = _capture(model, adapter, s, data, place.device, files)
+        calls: Streams | None = None
+        expert_calls: Streams | None = None
         for number, stage in enumerate(stages):
-            calls = None
-            expert_calls = None
+            if calls is not None:
+                calls.clear()  # the previous stage's last outputs: not needed any more
+            calls = expert_calls = None
             with place.stage(stage):
                 if data is not None:
-                    calls = upfront.get(stage.name) or _capture(
-                        model, adapter, stage, data, place.device
+                    calls = upfront.pop(stage.name, None) or _capture(
+                        model, adapter, stage, data, place.device, files
                     )
                 if solver.second_stream(x_source) and calls is not None:
-                    expert_calls = _link(model, adapter, stage, calls, expert_final, number)
+                    expert_calls = _link(model, adapter, stage, calls, expert_final, number, files)
+                    if expert_final is not None:
+                        expert_final.clear()  # linked: its hidden states are in expert_calls
+                    expert_final = None
             for index, block in enumerate(adapter.blocks(model, stage)):
                 job = BlockJob(
                     adapter, stage, index, block, tasks, expert_list, options, x_source,
                     true_sequential, engine.keep_grams, reducer if reducer.active else None,
-                    stats_cache=stats_cache,
+                    stats_cache=stats_cache, reuse_outputs=files is None,
                 )  # fmt: skip
                 bar.set_postfix_str(f"{stage.name}.{index}")
                 if checkpoint is not None and checkpoint.has(stage.name, index):
@@ -234,6 +246,8 @@ def quantize_model(
                     run.grams.update(outcome.grams)
                     if checkpoint is not None:
                         checkpoint.save(stage.name, index, weights, results, records)
+                for expert in expert_list or ():
+                    expert.close()  # this block's tensors are read: unmap its files
                 run.results.update(results)
                 run.layers.extend(records)
                 bar.update(1)
@@ -242,6 +256,8 @@ def quantize_model(
             expert_final = expert_calls
     finally:
         bar.close()
+        if files is not None:
+            files.close()
     if stats_cache is not None:
         stats_cache.complete = all(
             stats_cache.has(s.name, i) for s in stages for i in range(len(adapter.blocks(model, s)))
@@ -259,11 +275,12 @@ def _capture(
     stage: Stage,
     calib: Mapping[str, Sequence[Batch]],
     device: torch.device | None,
+    files: ActivationFiles | None,
 ) -> Streams:
-    return {
-        task: capture_stage_inputs(model, adapter, stage, batches, task, device)
-        for task, batches in calib.items()
-    }
+    calls = new_streams(files)
+    for task, batches in calib.items():  # each task stored (offloaded) before the next runs
+        calls[task] = capture_stage_inputs(model, adapter, stage, batches, task, device)
+    return calls
 
 
 def _link(
@@ -273,17 +290,20 @@ def _link(
     calls: Streams,
     previous: Streams | None,
     number: int,
+    files: ActivationFiles | None,
 ) -> Streams:
     """The expert stream's first-block inputs: the model's for stage 0, else linked."""
-    if number == 0 or previous is None:
-        return {task: list(task_calls) for task, task_calls in calls.items()}
-    linked: Streams = {}
+    linked = new_streams(files)
     for task, task_calls in calls.items():
-        linked[task] = []
+        if number == 0 or previous is None:
+            linked[task] = list(task_calls)
+            continue
+        task_linked = []
         for call, prev in zip(task_calls, previous[task], strict=True):
             hidden = adapter.hidden_states(prev.args, prev.kwargs)
             args, kwargs = adapter.link_stage(model, stage, hidden, call.args, call.kwargs)
-            linked[task].append(BlockCall(args, kwargs, call.mask, call.linear_masks))
+            task_linked.append(BlockCall(args, kwargs, call.mask, call.linear_masks))
+        linked[task] = task_linked
     return linked
 
 

@@ -110,6 +110,11 @@ class ExpertWeights:
             raise EpmqError(f"expert {self.name!r}: tensor {name!r} holds NaN or Inf")
         return value
 
+    def close(self) -> None:
+        """Let go of what reading holds open (file mappings); reopened on demand. The engine
+        calls it after every block, so the pages of the blocks already read do not stay
+        mapped (and counted in the process's memory) for the rest of the run."""
+
     def tensors(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The expert's values of every tensor in ``like`` (names of the merged model)."""
         return {name: self.tensor(name, ref) for name, ref in like.items()}
@@ -189,7 +194,7 @@ class SafetensorsExpert(ExpertWeights):
             raise EpmqError(f"expert {self.name!r}: {file}: cannot read {key!r} ({exc})") from None
 
     def close(self) -> None:
-        """Drop the open file handles (they are reopened on demand)."""
+        """Drop the open file handles and their memory maps (reopened on demand)."""
         self._handles.clear()
 
 

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from epmq.calib.capture import BlockCall
+from epmq.calib.capture import BlockCall, Streams
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.reuse import FinalOutputs
 from epmq.calib.statistics import flatten_tokens
@@ -60,7 +60,6 @@ from epmq.models.adapter import StopForward
 
 logger = logging.getLogger("epmq.calib")
 
-Streams = dict[str, list[BlockCall]]
 #: (norm, the linear producing its input or None), relative to a block, in forward order
 NormSite = tuple[str, str | None]
 

@@ -1,6 +1,11 @@
 """Step 4 of the lifecycle: propagate — run a solved block on every task's calls to produce
 the next block's inputs (serving the finished sub-modules' outputs kept by
-:class:`~epmq.calib.reuse.FinalOutputs`)."""
+:class:`~epmq.calib.reuse.FinalOutputs`).
+
+Each call is replaced by its successor in its list as soon as it is computed, so a block's
+inputs are freed as its outputs are made: the activations held while propagating stay at one
+copy plus one batch, not inputs and outputs side by side.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,9 @@ import contextlib
 import torch
 from torch import nn
 
-from epmq.calib.capture import BlockCall
+from epmq.calib.capture import BlockCall, Streams
 from epmq.calib.reuse import FinalOutputs
 from epmq.models.adapter import BlockAdapter, Stage
-
-Streams = dict[str, list[BlockCall]]
 
 
 def served(
@@ -36,12 +39,14 @@ def propagate_calls(
     task: str = "",
     reuse: FinalOutputs | None = None,
 ) -> list[BlockCall]:
-    """Run ``block`` on each call; return the next block's calls."""
-    out = []
+    """Run ``block`` on each call, replacing it in ``calls`` by the next block's call (the
+    list is returned)."""
     for b, call in enumerate(calls):
         with served(reuse, adapter, task, b, call):
-            out.append(call.advanced(adapter, stage, index, call.run(block)))
-    return out
+            output = call.run(block)
+        calls[b] = call.advanced(adapter, stage, index, output)
+        del call, output  # the inputs go now, not when the next call is made
+    return calls
 
 
 def propagate(
@@ -53,9 +58,13 @@ def propagate(
     *,
     reuse: FinalOutputs | None = None,
 ) -> Streams:
-    """:func:`propagate_calls` for every task (serving ``reuse``'s final outputs)."""
-    with reuse.pass_() if reuse is not None else contextlib.nullcontext():
-        return {
-            task: propagate_calls(adapter, stage, index, block, task_calls, task=task, reuse=reuse)
-            for task, task_calls in calls.items()
-        }
+    """:func:`propagate_calls` for every task, one task at a time, in place (serving
+    ``reuse``'s final outputs: the block's last pass); ``calls`` is returned."""
+    with reuse.pass_(last=True) if reuse is not None else contextlib.nullcontext():
+        for task in list(calls):
+            task_calls = calls[task]
+            calls[task] = propagate_calls(
+                adapter, stage, index, block, task_calls, task=task, reuse=reuse
+            )
+            del task_calls
+    return calls

@@ -12,7 +12,10 @@ Exactness: an output is recorded only when no unsolved linear ran in that forwar
 sub-module finished, it is stored as a copy and served as a fresh copy (in-place operations
 downstream cannot corrupt it), and a sub-module is served only after a pass recorded it for
 every (task, batch) call. Outputs larger than the block's hidden states are not kept (memory
-stays at about one more copy of the calibration activations).
+stays at about one more copy of the calibration activations). The last pass over the block
+(propagation) records nothing, since nothing would read it, and hands each served output over
+instead of copying it, dropping it as it goes: the copies are gone when the next block's inputs
+are complete.
 """
 
 from __future__ import annotations
@@ -69,10 +72,14 @@ class FinalOutputs:
             del self.served[outer]
 
     def _candidates(self) -> list[str]:
-        """Sub-modules holding linears, all solved, not inside one already served."""
+        """Sub-modules holding linears, all solved, not inside one already served. A lone
+        linear is no candidate: serving its output saves one matmul and costs a copy of
+        every task's activations (Llama's q, k, v would hold three)."""
         out = []
         for name, linears in self._linears.items():
             if not linears or not linears <= self.solved or name in self.served:
+                continue
+            if isinstance(self.block.get_submodule(name), nn.Linear):
                 continue
             if any(name.startswith(f"{s}.") for s in self.served):
                 continue
@@ -80,15 +87,19 @@ class FinalOutputs:
         return out
 
     @contextlib.contextmanager
-    def pass_(self) -> Iterator[None]:
-        """One pass over every (task, batch) call: serve what is final, record what becomes so."""
+    def pass_(self, *, last: bool = False) -> Iterator[None]:
+        """One pass over every (task, batch) call: serve what is final, record what becomes so.
+
+        ``last``: no pass follows; record nothing, and serve each output by handing over the
+        kept copy (dropped from here, so the copies go as the pass advances).
+        """
         unsolved = [n for n, m in self.block.named_modules() if isinstance(m, nn.Linear)]
         unsolved = [n for n in unsolved if n not in self.solved]
         handles = []
         for name in unsolved:
             module = self.block.get_submodule(name)
             handles.append(module.register_forward_pre_hook(self._taint))
-        candidates = self._candidates()
+        candidates = [] if last else self._candidates()
         self._recorded = {name: {} for name in candidates}
         for name in candidates:
             module = self.block.get_submodule(name)
@@ -96,7 +107,7 @@ class FinalOutputs:
         patched = []
         for name, outputs in self.served.items():
             module = self.block.get_submodule(name)
-            module.forward = self._server(outputs)  # instance attribute shadows the method
+            module.forward = self._server(outputs, last)  # instance attribute shadows the method
             patched.append(module)
         self._calls = 0
         try:
@@ -106,6 +117,8 @@ class FinalOutputs:
                 handle.remove()
             for module in patched:
                 del module.forward
+            if last:
+                self.served = {}
         for name, outputs in self._recorded.items():
             if self._calls and len(outputs) == self._calls:
                 self.served[name] = outputs
@@ -140,8 +153,10 @@ class FinalOutputs:
 
         return hook
 
-    def _server(self, outputs: dict[Key, Any]) -> Any:
+    def _server(self, outputs: dict[Key, Any], last: bool) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if last:  # nobody reads this copy again: hand it over
+                return outputs.pop(self._key)
             return _copy(outputs[self._key])
 
         return forward

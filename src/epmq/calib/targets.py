@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -40,12 +41,24 @@ def expert_states(
 
 
 def expert_blocks(block: nn.Module, states: Sequence[dict[str, Tensor]]) -> list[nn.Module]:
-    """Copies of ``block`` (taken before it is modified) holding each expert's tensors."""
+    """Copies of ``block`` (taken before it is modified) holding each expert's tensors.
+
+    A copy's parameters and buffers *are* the state's tensors (shared, never written: the
+    copies only run forwards), so the experts' tensors of a block are held once, not twice;
+    tensors a state lacks are copied from ``block``.
+    """
+    tensors = dict(block.named_parameters())
+    tensors.update(dict(block.named_buffers()))
     blocks = []
     for state in states:
-        twin = copy.deepcopy(block)
-        twin.load_state_dict(state, strict=False)
-        blocks.append(twin)
+        memo: dict[int, Any] = {}
+        for name, value in tensors.items():
+            if name in state:
+                shared = state[name]
+                if isinstance(value, nn.Parameter):
+                    shared = nn.Parameter(shared, requires_grad=value.requires_grad)
+                memo[id(value)] = shared
+        blocks.append(copy.deepcopy(block, memo))
     return blocks
 
 

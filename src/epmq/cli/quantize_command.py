@@ -224,6 +224,10 @@ def quantize_command(
         str,
         typer.Option("--model-dtype", help="Hold the model in float32, bfloat16 or float16."),
     ] = "float32",
+    offload_dir: Annotated[
+        Path | None,
+        typer.Option("--offload-dir", help="Keep activations between blocks in files there."),
+    ] = None,
     list_methods: Annotated[
         bool, typer.Option("--list-methods", help="Print the solvers and parameters, then exit.")
     ] = False,
@@ -283,6 +287,7 @@ def quantize_command(
         tokenizer or model, seed,
     )  # fmt: skip
     engine = EngineSettings(
-        x_source, resume, progress, resolve_device(device), _model_dtype(model_dtype), weights
-    )
+        x_source, resume, progress, resolve_device(device), _model_dtype(model_dtype), weights,
+        offload_dir,
+    )  # fmt: skip
     run_quantize(model, out, options, data, ExportSettings(fmt, dtype, force), engine)

@@ -15,7 +15,7 @@ from epmq.errors import EpmqError
 if TYPE_CHECKING:
     import torch
 
-    from epmq.calib import SolveOptions
+    from epmq.calib import EngineOptions, SolveOptions
 
 
 def resume_dir(out: Path) -> Path:
@@ -60,8 +60,8 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How the engine runs: X-source, resume, progress, device, the model's dtype, and the
-    ``--task-weights`` setting (calib/task_weights.py)."""
+    """How the engine runs: X-source, resume, progress, device, the model's dtype, the
+    ``--task-weights`` setting (calib/task_weights.py) and ``--offload-dir``."""
 
     x_source: str
     resume: bool
@@ -69,6 +69,13 @@ class EngineSettings:
     device: torch.device | None
     model_dtype: torch.dtype | None
     task_weights: str | dict[str, float] = "uniform"
+    offload_dir: Path | None = None
+
+    def options(self, **options: Any) -> EngineOptions:
+        """The engine's options for one calibration: device and offloading, plus ``options``."""
+        from epmq.calib import EngineOptions
+
+        return EngineOptions(device=self.device, offload_dir=self.offload_dir, **options)
 
 
 def _checkpoint_identity(
@@ -97,7 +104,6 @@ def _task_weights(
     (before a distributed run shards them); ``auto``'s rounds quantize copies of the model."""
     import copy
 
-    from epmq.calib import EngineOptions
     from epmq.calib.task_weights import TaskWeighting
 
     def load_expert(task: str) -> Any:
@@ -106,7 +112,7 @@ def _task_weights(
 
     def build(weights: list[float]) -> Any:
         target = copy.deepcopy(model)
-        calibrate(target, weights, EngineOptions(progress=False, device=engine.device))
+        calibrate(target, weights, engine.options(progress=False))
         return target
 
     weighting = TaskWeighting(batches, load_expert, device=engine.device)
@@ -128,7 +134,7 @@ def run_quantize(
     """Load, calibrate, quantize and export (the options are checked by the command)."""
     import torch
 
-    from epmq.calib import EngineOptions, SafetensorsExpert, quantize_model
+    from epmq.calib import SafetensorsExpert, quantize_model
     from epmq.calib.checkpoint import remove_checkpoint
     from epmq.calib.distributed import launched_group, shard
     from epmq.calib.text_data import load_calibration, load_tokenizer, model_input_names
@@ -175,11 +181,10 @@ def run_quantize(
         run = calibrate(
             model,
             weights,
-            EngineOptions(
+            engine.options(
                 checkpoint_dir=checkpoint,
                 checkpoint_identity=identity,
                 progress=engine.progress and rank == 0,
-                device=engine.device,
             ),
         )
         if rank != 0:  # every rank holds the same solved model: rank 0 exports it

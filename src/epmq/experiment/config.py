@@ -102,6 +102,9 @@ class CalibrationSpec(_Strict):
     #: tasks, a built-in suite's calibration split as prepared; a suite tops a larger number
     #: up from its training split (:meth:`epmq.suites.task.Task.calibration_texts`)
     examples: int | None = Field(None, ge=1)
+    #: keep the activations between blocks in files in a private folder there (one task in
+    #: memory at a time; deleted when each calibration ends); same results, slower
+    offload_dir: Path | None = None
 
 
 class MergeSpec(_Strict):
@@ -295,4 +298,6 @@ def _resolve_paths(config: ExperimentConfig, root: Path) -> ExperimentConfig:
     for task in config.tasks:
         task.data = resolve(task.data)
     config.output.dir = resolve(config.output.dir)
+    if config.calibration.offload_dir is not None:
+        config.calibration.offload_dir = resolve(config.calibration.offload_dir)
     return config

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from epmq.calib.engine import CalibrationRun
+from epmq.calib.engine import CalibrationRun, EngineOptions
 from epmq.calib.expert_cache import CacheBudget, CachedExpert
 from epmq.calib.expert_weights import ExpertWeights
 from epmq.calib.onload import Onloaded
@@ -260,7 +260,7 @@ def _build_merge(
     sources: list[ExpertWeights] | None = None,
 ) -> nn.Module:
     """The full-precision merge of the experts into a copy of the base encoder."""
-    from epmq.calib import EngineOptions, quantize_model
+    from epmq.calib import quantize_model
     from epmq.merging import get_method
     from epmq.merging import merge as merge_state_dicts
 
@@ -290,9 +290,16 @@ def _build_merge(
             method=merge.method,
             experts=sources or _expert_sources(workload),
             **merge.params,
-            engine=EngineOptions(progress=progress, device=config.device),
+            engine=engine_options(config, progress=progress),
         )
     return model.eval()
+
+
+def engine_options(config: ExperimentConfig, **options: Any) -> EngineOptions:
+    """How the experiment's calibrations run: where (``device``), activations offloaded to
+    ``calibration.offload_dir`` or not, plus ``options``."""
+    offload = config.calibration.offload_dir
+    return EngineOptions(device=config.device, offload_dir=offload, **options)
 
 
 def _expert_sources(workload: Workload) -> list[ExpertWeights]:
@@ -357,7 +364,7 @@ def _quantized_copy(
     proxy loss); ``cache`` serves the merged-stream statistics of ``x_source="merged"``, and
     ``sources`` the experts' tensors (read once per experiment).
     """
-    from epmq.calib import EngineOptions, quantize_model
+    from epmq.calib import quantize_model
     from epmq.quant import QuantGrid
 
     q = config.quantization
@@ -382,10 +389,8 @@ def _quantized_copy(
         task_weights=task_weights,
         true_sequential=q.true_sequential,
         **params,
-        engine=EngineOptions(
-            progress=progress,
-            stats_cache=cache if x_source == "merged" else None,
-            device=config.device,
+        engine=engine_options(
+            config, progress=progress, stats_cache=cache if x_source == "merged" else None
         ),
     )
     return model.eval(), run
