@@ -8,7 +8,8 @@ blocks are onloaded one at a time, activations and statistics live on the device
 run: wall time, seconds per block (median, max), GPU peak memory (``max_memory_allocated``)
 against the bound "one block × (K + 2) + the block's activations + its statistics", the CPU
 peak RSS of the run (``VmHWM`` reset before it) and, on the CPU, what calibration held (the
-model plus the growth of RSS during the run) against the same bound plus the model; the mean
+model plus the growth of RSS during the run) against the same bound plus the model; both
+also against the bound plus what it leaves out whatever K (:func:`working_bytes`); the mean
 proxy loss; the logits' mean squared error against the unquantized merge on held-out ids;
 then each run's time over our GPTQ's. ``llmcompressor-gptq`` runs llm-compressor's GPTQ
 (``oneshot``, W4A16: 4-bit g128 symmetric, its defaults) on the same merge, read back from a
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_calibration import start_peaks, status_bytes
+from device_bound import bound_bytes, working_bytes
 
 PRESETS: dict[str, dict[str, Any]] = {
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads
@@ -131,41 +133,6 @@ def calibration(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     return calib
 
 
-def statistics_bytes(args: argparse.Namespace, method: str, x_source: str) -> int:
-    """Float32 statistics of the block's largest linear group while it is calibrated: per
-    linear, the current task's Gram accumulator (and cross term with the expert stream), the
-    folded sum S and, for E-PMQ, B = Σ_i W_i H_i (out × in)."""
-    head_dim = args.hidden // args.heads
-    kv = args.kv_heads * head_dim
-    h, m = args.hidden, args.intermediate
-    groups = [  # (in, out) of each linear, Llama's true-sequential groups
-        [(h, h), (h, kv), (h, kv)], [(h, h)], [(h, m), (h, m)], [(m, h)],
-    ]  # fmt: skip
-    squares = 3 if x_source == "expert" else 2
-    rows = method == "epmq"
-
-    def group_bytes(group: list[tuple[int, int]]) -> int:
-        return sum(4 * (squares * i * i + (o * i if rows else 0)) for i, o in group)
-
-    return max(group_bytes(g) for g in groups)
-
-
-def bound_bytes(args: argparse.Namespace, model: Any, method: str, x_source: str) -> int:
-    """The device's share of the issue's bound: one block × (K + 2) + the block's activations
-    (every task's inputs and outputs, twice with the expert stream) + the statistics of its
-    largest linear group (:func:`statistics_bytes`). On the CPU the model itself is added."""
-    import torch
-
-    block = model.model.layers[0]
-    block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
-    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    tokens = args.experts * args.seqs * args.tokens
-    streams = 2 if x_source == "expert" else 1
-    activations = 2 * streams * tokens * args.hidden * element
-    stats = statistics_bytes(args, method, x_source)
-    return block_bytes * (args.experts + 2) + activations + stats
-
-
 def score_ids(args: argparse.Namespace) -> Any:
     """Held-out token ids over the whole vocabulary: 2 sequences of up to 128 tokens."""
     import torch
@@ -211,6 +178,7 @@ def peak_fields(
             cpu_held_gib=round(held / 2**30, 2),
             cpu_bound_gib=round(bound / 2**30, 2),
             cpu_held_over_bound=round(held / bound, 2),
+            cpu_held_over_bound_with_working=round(held / (bound + working_bytes(args)), 2),
         )
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -219,6 +187,7 @@ def peak_fields(
             gpu_peak_gib=round(peak / 2**30, 2),
             gpu_bound_gib=round(bound / 2**30, 2),
             gpu_peak_over_bound=round(peak / bound, 2),
+            gpu_peak_over_bound_with_working=round(peak / (bound + working_bytes(args)), 2),
         )
     return row
 
