@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_bert as bert_family
@@ -49,6 +50,33 @@ class FamilySetup:
     def merged(self) -> nn.Module:
         """A fresh copy of the merged model (what a restarted process would load)."""
         return with_state(self.base, self.merged_state)
+
+    def quantize(
+        self,
+        method: str,
+        x_source: str,
+        *,
+        bits: int = 4,
+        engine: EngineOptions | None = None,
+        task_weights: list[float] | None = None,
+        **params: Any,
+    ) -> tuple[nn.Module, CalibrationRun]:
+        """A fresh merge quantized by ``method`` (groups of 16; α = 0.05 and ``params`` where
+        the solver declares them), with ``engine`` (default: no progress bar)."""
+        model = self.merged()
+        run = quantize_model(
+            model,
+            self.adapter(),
+            self.calib,
+            method=method,
+            grid=QuantGrid(bits, group_size=16),
+            experts=self.experts,
+            x_source=x_source,
+            **params_for(method, alpha=0.05, **params),
+            task_weights=task_weights,
+            engine=engine or EngineOptions(progress=False),
+        )
+        return model, run
 
     def block_order(self) -> list[tuple[str, int]]:
         """``(stage name, block index)`` of every block, in the engine's order."""

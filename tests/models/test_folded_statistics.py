@@ -14,10 +14,8 @@ import pytest
 import torch
 from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fixture)
 
-from epmq.calib import EngineOptions, quantize_model
+from epmq.calib import EngineOptions
 from epmq.calib.statistics import FoldedStatistics
-from epmq.quant import QuantGrid
-from solver_params import params_for
 
 SETTINGS = [
     ("gptq", "quantized", "expert"),
@@ -28,20 +26,10 @@ SETTINGS = [
 
 
 def _quantize(setup: FamilySetup, method: str, x_source: str, target: str, keep: bool) -> Any:
-    model = setup.merged()
-    run = quantize_model(
-        model,
-        setup.adapter(),
-        setup.calib,
-        method=method,
-        grid=QuantGrid(3, group_size=16),
-        experts=setup.experts,
-        x_source=x_source,
-        **params_for(method, alpha=0.05, target=target),
-        task_weights=[1.0, 0.5],
-        engine=EngineOptions(keep_grams=keep, progress=False),
+    engine = EngineOptions(keep_grams=keep, progress=False)
+    return setup.quantize(
+        method, x_source, bits=3, engine=engine, task_weights=[1.0, 0.5], target=target
     )
-    return model, run
 
 
 @pytest.mark.parametrize("family", ["bert", "t5"])

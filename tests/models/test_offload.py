@@ -11,33 +11,13 @@ import pytest
 import torch
 from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fixture)
 
-from epmq.calib import EngineOptions, quantize_model
+from epmq.calib import EngineOptions
 from epmq.calib.capture import BlockCall
 from epmq.calib.offload import ActivationFiles
 from epmq.calib.propagate import propagate_calls
 from epmq.calib.targets import expert_blocks
 from epmq.errors import EpmqError
 from epmq.models.adapter import BlockAdapter, Stage
-from epmq.quant import QuantGrid
-from solver_params import params_for
-
-
-def _quantize(
-    setup: FamilySetup, method: str, x_source: str, engine: EngineOptions, **params: Any
-) -> tuple[torch.nn.Module, Any]:
-    model = setup.merged()
-    run = quantize_model(
-        model,
-        setup.adapter(),
-        setup.calib,
-        method=method,
-        grid=QuantGrid(4, group_size=16),
-        experts=setup.experts,
-        x_source=x_source,
-        **params_for(method, alpha=0.05, **params),
-        engine=engine,
-    )
-    return model, run
 
 
 def _assert_same(a: tuple[torch.nn.Module, Any], b: tuple[torch.nn.Module, Any]) -> None:
@@ -70,8 +50,8 @@ def test_offloaded_run_gives_the_same_weights(
         seen.append(len(list(offload.rglob("*.safetensors"))))
 
     engine = EngineOptions(progress=False, offload_dir=offload, on_block_end=count_files)
-    offloaded = _quantize(setup, method, x_source, engine)
-    in_memory = _quantize(setup, method, x_source, EngineOptions(progress=False))
+    offloaded = setup.quantize(method, x_source, engine=engine)
+    in_memory = setup.quantize(method, x_source)
     _assert_same(offloaded, in_memory)
     tasks = len(setup.calib)
     assert min(seen) >= tasks  # every task's activations were in files between blocks ...
@@ -85,10 +65,8 @@ def test_offloaded_norm_correction_gives_the_same_weights(
 ) -> None:
     setup = families("llama")
     engine = EngineOptions(progress=False, offload_dir=tmp_path)
-    offloaded = _quantize(setup, "epmq", "expert", engine, norm_correction=True)
-    in_memory = _quantize(
-        setup, "epmq", "expert", EngineOptions(progress=False), norm_correction=True
-    )
+    offloaded = setup.quantize("epmq", "expert", engine=engine, norm_correction=True)
+    in_memory = setup.quantize("epmq", "expert", norm_correction=True)
     _assert_same(offloaded, in_memory)
 
 
@@ -101,7 +79,7 @@ def test_offload_dir_that_is_a_file_is_one_clear_error(
     blocker.write_text("not a folder")
     engine = EngineOptions(progress=False, offload_dir=blocker)
     with pytest.raises(EpmqError, match="offload_dir"):
-        _quantize(setup, "gptq", "quantized", engine)
+        setup.quantize("gptq", "quantized", engine=engine)
 
 
 def test_offloaded_streams_round_trip_bit_for_bit(tmp_path: Path) -> None:

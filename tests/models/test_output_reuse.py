@@ -10,10 +10,7 @@ import torch
 from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fixture)
 
 import epmq.calib.block
-from epmq.calib import EngineOptions, quantize_model
 from epmq.calib.reuse import FinalOutputs
-from epmq.quant import QuantGrid
-from solver_params import params_for
 
 
 class NoReuse(FinalOutputs):
@@ -21,22 +18,6 @@ class NoReuse(FinalOutputs):
 
     def _candidates(self) -> list[str]:
         return []
-
-
-def _quantize(setup: FamilySetup, method: str, x_source: str) -> tuple[torch.nn.Module, Any]:
-    model = setup.merged()
-    run = quantize_model(
-        model,
-        setup.adapter(),
-        setup.calib,
-        method=method,
-        grid=QuantGrid(4, group_size=16),
-        experts=setup.experts,
-        x_source=x_source,
-        **params_for(method, alpha=0.05),
-        engine=EngineOptions(progress=False),
-    )
-    return model, run
 
 
 @pytest.mark.parametrize("family", ["bert", "clip", "t5", "llama"])
@@ -62,13 +43,13 @@ def test_reuse_is_exact_and_used(
         return forward
 
     monkeypatch.setattr(FinalOutputs, "_server", counting)
-    model, run = _quantize(setup, method, x_source)
+    model, run = setup.quantize(method, x_source)
     # T5's attention layers also return the position bias ([batch, heads, T, T], larger than
     # the hidden states), so none is kept, and a lone linear is never kept: nothing to serve
     assert bool(served) == (family != "t5"), served
 
     monkeypatch.setattr(epmq.calib.block, "FinalOutputs", NoReuse)
-    reference, ref_run = _quantize(setup, method, x_source)
+    reference, ref_run = setup.quantize(method, x_source)
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert run.results.keys() == ref_run.results.keys()
