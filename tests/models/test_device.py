@@ -22,7 +22,6 @@ from epmq.devices import module_device, resolve_device
 from epmq.errors import EpmqError
 from epmq.experiment.config import parse_config
 from epmq.quant import QuantGrid
-from solver_params import params_for
 
 FAMILIES = ["bert", "clip", "t5", "llama"]
 CASES = [
@@ -57,19 +56,8 @@ def test_config_device_field() -> None:
 
 
 def _run(setup: FamilySetup, method: str, x_source: str, device: str | None = None) -> tuple:
-    model = setup.merged()
-    run = quantize_model(
-        model,
-        setup.adapter(),
-        setup.calib,
-        method=method,
-        grid=GRID,
-        experts=setup.experts,
-        x_source=x_source,
-        **params_for(method, alpha=0.05),
-        engine=EngineOptions(progress=False, device=device),
-    )
-    return model, run
+    engine = EngineOptions(progress=False, device=device)
+    return setup.quantize(method, x_source, grid=GRID, engine=engine)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -54,22 +54,23 @@ class FamilySetup:
     def quantize(
         self,
         method: str,
-        x_source: str,
+        x_source: str | None = None,
         *,
-        bits: int = 4,
+        grid: QuantGrid = QuantGrid(4, group_size=16),
         engine: EngineOptions | None = None,
         task_weights: list[float] | None = None,
         **params: Any,
     ) -> tuple[nn.Module, CalibrationRun]:
-        """A fresh merge quantized by ``method`` (groups of 16; α = 0.05 and ``params`` where
-        the solver declares them), with ``engine`` (default: no progress bar)."""
+        """A fresh merge quantized by ``method`` on ``grid`` (α = 0.05 and ``params`` where
+        the solver declares them; ``x_source`` None: the solver's default), with ``engine``
+        (default: no progress bar)."""
         model = self.merged()
         run = quantize_model(
             model,
             self.adapter(),
             self.calib,
             method=method,
-            grid=QuantGrid(bits, group_size=16),
+            grid=grid,
             experts=self.experts,
             x_source=x_source,
             **params_for(method, alpha=0.05, **params),
@@ -219,17 +220,7 @@ def test_rounded_weights_lie_on_the_grid(
     act_order: bool,
 ) -> None:
     setup = families(family)
-    model = setup.merged()
-    run = quantize_model(
-        model,
-        setup.adapter(),
-        setup.calib,
-        method=method,
-        grid=grid,
-        experts=setup.experts,
-        **params_for(method, alpha=0.05, act_order=act_order),
-        engine=EngineOptions(progress=False),
-    )
+    model, run = setup.quantize(method, grid=grid, act_order=act_order)
     assert_on_grid(model, setup.adapter(), run, grid, act_order)
     merged = dict(setup.merged().named_parameters())
     moved = [

@@ -16,6 +16,7 @@ from test_family_resume_and_grid import FamilySetup, families  # noqa: F401 (fix
 
 from epmq.calib import EngineOptions
 from epmq.calib.statistics import FoldedStatistics
+from epmq.quant import QuantGrid
 
 SETTINGS = [
     ("gptq", "quantized", "expert"),
@@ -28,7 +29,12 @@ SETTINGS = [
 def _quantize(setup: FamilySetup, method: str, x_source: str, target: str, keep: bool) -> Any:
     engine = EngineOptions(keep_grams=keep, progress=False)
     return setup.quantize(
-        method, x_source, bits=3, engine=engine, task_weights=[1.0, 0.5], target=target
+        method,
+        x_source,
+        grid=QuantGrid(3, group_size=16),
+        engine=engine,
+        task_weights=[1.0, 0.5],
+        target=target,
     )
 
 
