@@ -103,7 +103,7 @@ output: {dir: out}
 
 
 def test_offload_dir_resolves_against_the_file_and_reaches_the_engine(tmp_path: Path) -> None:
-    from epmq.experiment.runner import engine_options
+    from epmq.experiment.building import engine_options
 
     config = load_config(
         _write(tmp_path, "suite: text8\ndevice: cpu\ncalibration: {offload_dir: scratch}\n")

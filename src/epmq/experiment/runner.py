@@ -14,7 +14,6 @@ inputs from the full-precision merge (``x_source="merged"``) are solved from one
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -25,16 +24,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from epmq.calib.engine import CalibrationRun, EngineOptions
-from epmq.calib.expert_cache import CacheBudget, CachedExpert
-from epmq.calib.expert_weights import ExpertWeights
+from epmq.calib.engine import CalibrationRun
 from epmq.calib.onload import Onloaded
 from epmq.calib.stats_cache import StatsCache
-from epmq.calib.task_weights import ChosenWeights, TaskWeighting, check_task_weights
+from epmq.calib.task_weights import ChosenWeights
 from epmq.devices import resolve_device
-from epmq.errors import EpmqError
 from epmq.eval.results import ALPHA_SWEEP, Results, Row, TaskWeights, average
-from epmq.experiment.config import ExperimentConfig, MergeSpec
+from epmq.experiment.building import (
+    build_merge,
+    expert_sources,
+    load_model,
+    task_weighting,
+    weighted_copy,
+)
+from epmq.experiment.config import ExperimentConfig
 from epmq.experiment.journal import Journal
 from epmq.experiment.plan import (
     SWEEP,
@@ -46,7 +49,6 @@ from epmq.experiment.plan import (
 from epmq.experiment.workload import Workload
 from epmq.models import adapter_for
 from epmq.models.adapter import check_group_sizes
-from epmq.quant.solvers import get_solver
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def run_experiment(
     results.timings.update(workload.timings)
     started = time.perf_counter()
 
-    base = _load(config, workload, workload.base_dir)
+    base = load_model(config, workload, workload.base_dir)
     if any(v.kind == "quantized" for v in plan_experiment(config)):  # before any model is built
         sizes = config.quantization.group_sizes
         check_group_sizes(base, adapter_for(base), sizes, config.where("quantization.group_sizes"))
@@ -101,8 +103,8 @@ def run_experiment(
     )
 
     variants = plan_experiment(config)
-    sources = _expert_sources(workload)
-    weighting = _task_weighting(config, workload)
+    sources = expert_sources(workload)
+    weighting = task_weighting(config, workload)
     for merge in config.merges:
         todo = [v for v in variants if v.merge == merge.method]
         pending = [v for v in todo if journal is None or not journal.has(v.name)]
@@ -114,13 +116,13 @@ def run_experiment(
                 _restore(results, variant, journal, announce)
                 continue
             if merged is None:
-                merged = _build_merge(merge, base, workload, config, progress, sources)
+                merged = build_merge(merge, base, workload, config, progress, sources)
                 cache = StatsCache() if sum(_reads_merged(v) for v in pending) > 1 else None
             clock = time.perf_counter()
             model, run, chosen = (
                 (merged, None, None)
                 if variant.kind == "merged"
-                else _weighted_copy(
+                else weighted_copy(
                     merged, variant, workload, config, progress, cache, sources, weighting
                 )
             )
@@ -217,16 +219,11 @@ def _evaluate(
         return workload.evaluate(model, heads, tasks)
 
 
-def _load(config: ExperimentConfig, workload: Workload, folder: Path) -> nn.Module:
-    """The encoder in ``folder``, in eval mode and ``config.model_dtype``."""
-    return workload.load_encoder(folder).to(getattr(torch, config.model_dtype)).eval()
-
-
 def _expert_accuracy(config: ExperimentConfig, workload: Workload) -> dict[str, float]:
     """Each task's expert on its own task."""
     accuracy: dict[str, float] = {}
     for task in workload.tasks:
-        expert = _load(config, workload, workload.expert_dirs[task])
+        expert = load_model(config, workload, workload.expert_dirs[task])
         accuracy.update(_evaluate(config, workload, expert, workload.heads, [task]))
         del expert
     return accuracy
@@ -249,151 +246,6 @@ def _row(
         accuracy={},
         seconds=seconds,
     )
-
-
-def _build_merge(
-    merge: MergeSpec,
-    base: nn.Module,
-    workload: Workload,
-    config: ExperimentConfig,
-    progress: bool,
-    sources: list[ExpertWeights] | None = None,
-) -> nn.Module:
-    """The full-precision merge of the experts into a copy of the base encoder."""
-    from epmq.calib import quantize_model
-    from epmq.merging import get_method
-    from epmq.merging import merge as merge_state_dicts
-
-    experts = {t: _load(config, workload, d).state_dict() for t, d in workload.expert_dirs.items()}
-    # A data-driven merge (RegMean: its registry entry needs per-task Grams) averages the
-    # non-linear parameters here; then the calibration engine collects the Grams block by
-    # block and solves every linear with the layer-wise solver of the same name.
-    data_driven = get_method(merge.method).requires_grams
-    method, params = ("average", {}) if data_driven else (merge.method, merge.params)
-    state = merge_state_dicts(
-        base.state_dict(),
-        list(experts.values()),
-        method,
-        include=merge.include,
-        exclude=merge.exclude,
-        expert_names=list(experts),
-        **params,
-    )
-    model = copy.deepcopy(base)
-    model.load_state_dict(state)
-    del experts, state
-    if data_driven:
-        quantize_model(
-            model,
-            None,
-            workload.calibration,
-            method=merge.method,
-            experts=sources or _expert_sources(workload),
-            **merge.params,
-            engine=engine_options(config, progress=progress),
-        )
-    return model.eval()
-
-
-def engine_options(config: ExperimentConfig, **options: Any) -> EngineOptions:
-    """How the experiment's calibrations run: where (``device``), activations offloaded to
-    ``calibration.offload_dir`` or not, plus ``options``."""
-    offload = config.calibration.offload_dir
-    return EngineOptions(device=config.device, offload_dir=offload, **options)
-
-
-def _expert_sources(workload: Workload) -> list[ExpertWeights]:
-    """One source per task, each tensor read from disk (and checked) once while the shared
-    budget (a quarter of the memory) lasts."""
-    from epmq.calib import SafetensorsExpert
-
-    budget = CacheBudget()
-    return [
-        CachedExpert(SafetensorsExpert(workload.expert_dirs[t], name=t), budget)
-        for t in workload.tasks
-    ]
-
-
-def _task_weighting(config: ExperimentConfig, workload: Workload) -> TaskWeighting:
-    """The experiment's task weights (the config's tasks checked against the workload's)."""
-    try:
-        check_task_weights(config.quantization.task_weights, workload.tasks)
-    except EpmqError as exc:
-        raise EpmqError(f"{config.where('quantization.task_weights')}: {exc}") from None
-    load = lambda task: _load(config, workload, workload.expert_dirs[task])  # noqa: E731
-    rounds, device = config.quantization.task_weight_rounds, resolve_device(config.device)
-    return TaskWeighting(workload.calibration, load, rounds=rounds, device=device)
-
-
-def _weighted_copy(
-    merged: nn.Module,
-    variant: Variant,
-    workload: Workload,
-    config: ExperimentConfig,
-    progress: bool,
-    cache: StatsCache | None,
-    sources: list[ExpertWeights],
-    weighting: TaskWeighting,
-) -> tuple[nn.Module, CalibrationRun, ChosenWeights | None]:
-    """:func:`_quantized_copy` with the variant's task weights (none for RTN: no data)."""
-    if not get_solver(variant.quantizer or "").uses_inputs:
-        return (*_quantized_copy(merged, variant, workload, config, progress, cache, sources), None)
-
-    def build(weights: list[float]) -> nn.Module:
-        args = (merged, variant, workload, config, False, cache, sources, weights)
-        return _quantized_copy(*args)[0]
-
-    chosen = weighting.choose(variant.weights_setting(config), variant.merge, merged, build)
-    args = (merged, variant, workload, config, progress, cache, sources, chosen.values)
-    return (*_quantized_copy(*args), chosen)
-
-
-def _quantized_copy(
-    merged: nn.Module,
-    variant: Variant,
-    workload: Workload,
-    config: ExperimentConfig,
-    progress: bool,
-    cache: StatsCache | None = None,
-    sources: list[ExpertWeights] | None = None,
-    task_weights: list[float] | None = None,
-) -> tuple[nn.Module, CalibrationRun]:
-    """A copy of ``merged`` rounded (or retargeted) as ``variant`` says, and its run.
-
-    RTN runs without calibration data (its rounding never reads it; the records then carry no
-    proxy loss); ``cache`` serves the merged-stream statistics of ``x_source="merged"``, and
-    ``sources`` the experts' tensors (read once per experiment).
-    """
-    from epmq.calib import quantize_model
-    from epmq.quant import QuantGrid
-
-    q = config.quantization
-    model = copy.deepcopy(merged)
-    grid = None
-    if variant.kind == "quantized":
-        grid = QuantGrid(
-            bits=variant.bits or 4, group_size=variant.group_size or -1, symmetric=q.symmetric
-        )
-    solver = get_solver(variant.quantizer or "")
-    x_source = variant.x_source or solver.default_x_source
-    params = variant.params(config)
-    reads = solver.needs_experts(params, x_source)
-    run = quantize_model(
-        model,
-        None,
-        workload.calibration if solver.uses_inputs else None,
-        method=solver,
-        grid=grid,
-        experts=(sources or _expert_sources(workload)) if reads else None,
-        x_source=x_source,
-        task_weights=task_weights,
-        true_sequential=q.true_sequential,
-        **params,
-        engine=engine_options(
-            config, progress=progress, stats_cache=cache if x_source == "merged" else None
-        ),
-    )
-    return model.eval(), run
 
 
 def write_outputs(results: Results, out_dir: Path, *, force: bool) -> Path:
