@@ -5,10 +5,14 @@ saved under a temporary folder) is calibrated by child processes: once by one pr
 ``--threads`` threads, then by ``torchrun --nproc-per-node N`` ranks with ``threads / N``
 threads each (gloo; each rank calibrates its shard of every task's batches, the statistics are
 all-reduced and the solves shared out). Printed per method: wall time of ``quantize_model``
-in each setting, the speedup, and how many integer codes agree with the one-process run
-(the ranks sum the statistics in another order, so a few codes on a rounding tie may flip).
+in each setting, the speedup, the machine's ceiling for it (N independent one-process copies
+run at once: what N cores give N jobs, shared caches and memory bandwidth included), and how
+many integer codes agree with the one-process run (all of them when every process has the same
+threads: the statistics' float64 sums do not depend on the order of the batches; other thread
+counts change the float32 products' rounding).
 
     python benchmarks/bench_distributed.py                       # 2 ranks vs 1, 2 threads
+    python benchmarks/bench_distributed.py --threads 1           # one core per rank
     python benchmarks/bench_distributed.py --ranks 4 --threads 4 --layers 8
 """
 
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 from bench_device import PRESETS, RUNS, build, calibration, declared
 
@@ -57,8 +62,9 @@ def child(args: argparse.Namespace) -> None:
         )
         seconds = time.perf_counter() - start
         if rank == 0:
-            codes = {name: r.codes for name, r in run.results.items()}
-            torch.save(codes, root / f"codes-{args.child_run}-{world}.pt")
+            if not args.child_copy:
+                codes = {name: r.codes for name, r in run.results.items()}
+                torch.save(codes, root / f"codes-{args.child_run}-{world}.pt")
             loss = sum(r.proxy_loss for r in run.layers) / len(run.layers)
             row = {"run": args.child_run, "ranks": world, "seconds": seconds, "loss": loss}
             print(json.dumps(row), flush=True)
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--child-root", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--child-copy", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype, args.device = "float32", "cpu"
     if args.child:
@@ -95,30 +102,49 @@ def main() -> None:
         keys = [k for k in PRESETS["cpu"] if k not in ("device", "dtype")]
         shared = [f"--{k}={getattr(args, k)}" for k in keys]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        per_rank = max(1, args.threads // args.ranks)
+
+        def launch(run: str, ranks: int, threads: int, copies: int = 1) -> list[dict]:
+            """Start ``copies`` independent jobs at once (each one process, or ``ranks``
+            torchrun ranks, of ``threads`` threads); their JSON rows once all are done."""
+            common = [*shared, "--child", f"--child-root={root}", f"--child-run={run}"]
+            common.append(f"--child-threads={threads}")
+            if copies > 1:
+                common.append("--child-copy")
+            launch = [sys.executable]
+            if ranks > 1:
+                launch += ["-m", "torch.distributed.run", "--standalone"]
+                launch += [f"--nproc-per-node={ranks}"]
+            command = [*launch, script, *common]
+            jobs = [
+                subprocess.Popen(command, stdout=PIPE, stderr=PIPE, text=True, env=env)
+                for _ in range(copies)
+            ]
+            rows = []
+            for job in jobs:
+                stdout, stderr = job.communicate()
+                if job.returncode != 0:
+                    raise SystemExit(stderr[-4000:])
+                rows.append(json.loads(stdout.strip().splitlines()[-1]))
+            return rows
+
         for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
-            figures = {}
-            for ranks in (1, args.ranks):
-                common = [*shared, "--child", f"--child-root={root}", f"--child-run={run}"]
-                common.append(f"--child-threads={max(1, args.threads // ranks)}")
-                launch = [sys.executable]
-                if ranks > 1:
-                    launch += ["-m", "torch.distributed.run", "--standalone"]
-                    launch += [f"--nproc-per-node={ranks}"]
-                out = subprocess.run(
-                    [*launch, script, *common], capture_output=True, text=True, env=env
-                )
-                if out.returncode != 0:
-                    raise SystemExit(out.stderr[-4000:])
-                figures[ranks] = json.loads(out.stdout.strip().splitlines()[-1])
+            (single,) = launch(run, 1, args.threads)
+            (ranked,) = launch(run, args.ranks, per_rank)
+            # what the machine gives R jobs at once: R independent one-process copies, each
+            # with a rank's threads; the ideal R-rank time is then their time / R
+            copies = launch(run, 1, per_rank, copies=args.ranks)
+            ideal = max(row["seconds"] for row in copies) / args.ranks
             one = torch.load(root / f"codes-{run}-1.pt")
             many = torch.load(root / f"codes-{run}-{args.ranks}.pt")
             agree = sum(int((one[n] == many[n]).sum()) for n in one)
             total = sum(one[n].numel() for n in one)
-            single, ranked = figures[1], figures[args.ranks]
             print(
                 f"{run}: 1 process x {args.threads} threads {single['seconds']:.1f} s, "
-                f"{args.ranks} ranks x {max(1, args.threads // args.ranks)} threads "
-                f"{ranked['seconds']:.1f} s, speedup {single['seconds'] / ranked['seconds']:.2f}x; "
+                f"{args.ranks} ranks x {per_rank} threads {ranked['seconds']:.1f} s, "
+                f"speedup {single['seconds'] / ranked['seconds']:.2f}x "
+                f"(the machine's ceiling {single['seconds'] / ideal:.2f}x: {args.ranks} "
+                f"independent copies took {args.ranks * ideal:.1f} s at once); "
                 f"codes equal {100 * agree / total:.2f} %, mean proxy loss "
                 f"{single['loss']:.4g} / {ranked['loss']:.4g}",
                 flush=True,

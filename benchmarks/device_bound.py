@@ -14,20 +14,22 @@ from typing import Any
 
 
 def statistics_bytes(args: argparse.Namespace, method: str, x_source: str) -> int:
-    """Float32 statistics of the block's largest linear group while it is calibrated: per
-    linear, the current task's Gram accumulator (and cross term with the expert stream), the
-    folded sum S and, for E-PMQ, B = Σ_i W_i H_i (out × in)."""
+    """The statistics of the block's largest linear group while it is calibrated: the current
+    task's Gram accumulator (float64 sums; one for the linears fed the same inputs, as q/k/v;
+    with its cross term under the expert stream) and, per linear, the folded float32 sum S
+    and, for E-PMQ, B = Σ_i W_i H_i (out × in)."""
     head_dim = args.hidden // args.heads
     kv = args.kv_heads * head_dim
     h, m = args.hidden, args.intermediate
-    groups = [  # (in, out) of each linear, Llama's true-sequential groups
+    groups = [  # (in, out) of each linear, Llama's true-sequential groups (one shared input)
         [(h, h), (h, kv), (h, kv)], [(h, h)], [(h, m), (h, m)], [(m, h)],
     ]  # fmt: skip
-    squares = 3 if x_source == "expert" else 2
+    sums = 2 if x_source == "expert" else 1
     rows = method == "epmq"
 
     def group_bytes(group: list[tuple[int, int]]) -> int:
-        return sum(4 * (squares * i * i + (o * i if rows else 0)) for i, o in group)
+        accumulator = 8 * sums * group[0][0] ** 2
+        return accumulator + sum(4 * (i * i + (o * i if rows else 0)) for i, o in group)
 
     return max(group_bytes(g) for g in groups)
 

@@ -1,4 +1,4 @@
-"""Linears fed the same tensor (q/k/v) share one recorded input and one Gram product."""
+"""Linears fed the same tensor (q/k/v) share one recorded input and one Gram accumulator."""
 
 from __future__ import annotations
 
@@ -39,9 +39,15 @@ def test_qkv_share_one_input_and_grams_equal_separate_accumulation() -> None:
     for name in NAMES:
         torch.testing.assert_close(stats.grams(name)[0], separate[name].gram)
         assert stats.counts(name) == {"t": separate[name].count}
-    # Shared products, separate accumulators: a later change to one leaves the others alone.
+    # One accumulator for q/k/v (taken, kept and all-reduced once), separate from o's.
     accs = [stats.acc[n]["t"] for n in QKV]
-    assert len({id(a) for a in accs}) == 3
+    assert len({id(a) for a in accs}) == 1
+    assert stats.acc["attention.output.dense"]["t"] is not accs[0]
+    assert len(stats.distinct_accumulators()) == len(NAMES) - 2
+    # replacing them keeps the sharing
+    stats.replace_accumulators(lambda acc: GramAccumulator.from_state_dict(acc.state_dict()))
+    assert len({id(stats.acc[n]["t"]) for n in QKV}) == 1
+    torch.testing.assert_close(stats.grams(QKV[2])[0], separate[QKV[2]].gram)
 
 
 @torch.no_grad()

@@ -32,6 +32,27 @@ def test_default_dtype_is_float32_and_half_inputs_are_accepted() -> None:
     assert torch.allclose(acc.gram, xb.T @ xb / 32, atol=1e-5)
 
 
+def test_float32_statistics_do_not_depend_on_the_order_of_batches() -> None:
+    """Products in float32, sums in float64: one process adding every batch and two "ranks"
+    each adding every other batch, then merged, give the same bits (the codes of a
+    ``torchrun`` run then equal one process's)."""
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randn(64, 48, generator=gen) * (1 + i) for i in range(12)]
+    one, even, odd = (GramAccumulator(48, cross=True) for _ in range(3))
+    for i, x in enumerate(batches):
+        one.add(x, x.flip(0))
+        (even if i % 2 == 0 else odd).add(x, x.flip(0))
+    odd.merge_(even)
+    assert one.gram.dtype == torch.float32 and one.state_dict()["gram_sum"].dtype == torch.float64
+    assert torch.equal(one.gram, odd.gram) and torch.equal(one.cross, odd.cross)
+    # float32 running sums in the two orders differ in their last bits
+    sums = [torch.zeros(48, 48), torch.zeros(48, 48), torch.zeros(48, 48)]
+    for i, x in enumerate(batches):
+        sums[0].addmm_(x.T, x)
+        sums[1 + i % 2].addmm_(x.T, x)
+    assert not torch.equal(sums[0], sums[1] + sums[2])
+
+
 def test_merge_sums_statistics() -> None:
     x = tokens(30, seed=1)
     xc = tokens(30, seed=2)
@@ -62,7 +83,7 @@ def test_state_dict_round_trip() -> None:
     acc.add(tokens(9), tokens(9, seed=1))
     state = acc.state_dict()
     assert set(state) == {"gram_sum", "cross_sum", "count"}
-    back = GramAccumulator.from_state_dict(state)
+    back = GramAccumulator.from_state_dict(state, dtype=torch.float64)
     assert back.count == 9 and back.dtype == torch.float64
     assert torch.equal(back.gram, acc.gram) and torch.equal(back.cross, acc.cross)
     back.add(tokens(3, seed=2), tokens(3, seed=3))

@@ -85,19 +85,23 @@ class GramReducer:
         statistics hold only the current task's accumulators, reduced before each fold."""
         if not self.active:
             return
-        entries = [(n, t, acc) for n, accs in stats.acc.items() for t, acc in accs.items()]
-        if not entries:  # folded statistics after their last task (same on every rank)
+        accs = stats.distinct_accumulators()
+        if not accs:  # folded statistics after their last task (same on every rank)
             return
-        counts = torch.tensor([acc.count for _, _, acc in entries], dtype=torch.int64)
+        counts = torch.tensor([acc.count for acc in accs], dtype=torch.int64)
         dist.all_reduce(counts)
-        for (name, task, acc), count in zip(entries, counts.tolist(), strict=True):
+        totals = {id(acc): count for acc, count in zip(accs, counts.tolist(), strict=True)}
+
+        def summed(acc: GramAccumulator) -> GramAccumulator:
             state = dict(acc.state_dict())
             for key in ("gram_sum", "cross_sum", "x_sum", "cross_x_sum"):
                 if key in state:
                     state[key] = state[key].contiguous()
                     dist.all_reduce(state[key])
-            state["count"] = torch.tensor(count)
-            stats.acc[name][task] = GramAccumulator.from_state_dict(state)
+            state["count"] = torch.tensor(totals[id(acc)])
+            return GramAccumulator.from_state_dict(state, dtype=acc.dtype)
+
+        stats.replace_accumulators(summed)
 
     def owner(self, name: str) -> int:
         """The rank that solves the next linear handed out (``name``): the ranks in turn."""

@@ -154,20 +154,38 @@ class TaskStatistics:
         for names in groups.values():
             x = inputs[names[0]].float()
             xc = None if cross_inputs is None or not self.cross else cross_inputs[names[0]].float()
-            first = self._accumulator(names[0], task)
-            if len(names) == 1:
-                first.add(x, xc)
-                continue
-            batch = GramAccumulator(
-                first.dim,
-                dtype=first.dtype,
-                cross=self.cross,
-                device=self.device,
-                means=self.keep_means,
-            )
-            batch.add(x, xc)
-            for name in names:
-                self._accumulator(name, task).merge_(batch)
+            self._shared_accumulator(names, task).add(x, xc)
+
+    def _shared_accumulator(self, names: list[str], task: str) -> GramAccumulator:
+        """The one accumulator of linears fed the same inputs (q/k/v, gate/up): made shared
+        on the task's first batch, so the product is taken, kept and all-reduced once."""
+        accs = [self._accumulator(name, task) for name in names]
+        if all(acc is accs[0] for acc in accs):
+            return accs[0]
+        if any(acc.count for acc in accs):
+            raise RuntimeError(f"linears {names} were fed different inputs on an earlier batch")
+        for name in names:
+            self.acc[name][task] = accs[0]
+        return accs[0]
+
+    def distinct_accumulators(self) -> list[GramAccumulator]:
+        """Every accumulator once (shared ones are listed once), in the same order on every
+        rank."""
+        found: dict[int, GramAccumulator] = {}
+        for accs in self.acc.values():
+            for acc in accs.values():
+                found.setdefault(id(acc), acc)
+        return list(found.values())
+
+    def replace_accumulators(self, change: Callable[[GramAccumulator], GramAccumulator]) -> None:
+        """Put ``change(acc)`` in place of every accumulator, once per shared one (sharing
+        kept)."""
+        done: dict[int, GramAccumulator] = {}
+        for accs in self.acc.values():
+            for task, acc in accs.items():
+                if id(acc) not in done:
+                    done[id(acc)] = change(acc)
+                accs[task] = done[id(acc)]
 
     def grams(self, name: str) -> list[Tensor]:
         """Per-task normalised Grams ``X_i X_iᵀ / n_i`` of linear ``name``."""

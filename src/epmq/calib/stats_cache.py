@@ -122,24 +122,30 @@ def _to_host(stats: TaskStatistics) -> None:
     """Move statistics gathered on a GPU into CPU memory (a no-op on the CPU)."""
     if stats.device.type == "cpu":
         return
-    for accs in stats.acc.values():
-        for task, acc in accs.items():
-            state = {k: v.cpu() for k, v in acc.state_dict().items()}
-            accs[task] = GramAccumulator.from_state_dict(state)
+    stats.replace_accumulators(
+        lambda acc: GramAccumulator.from_state_dict(
+            {k: v.cpu() for k, v in acc.state_dict().items()}, dtype=acc.dtype
+        )
+    )
     stats.device = torch.device("cpu")
 
 
 def _nbytes(stats: TaskStatistics) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(stats).values())
+    states = [acc.state_dict() for acc in stats.distinct_accumulators()]
+    return sum(t.numel() * t.element_size() for state in states for t in state.values())
 
 
 def _tensors(stats: TaskStatistics) -> dict[str, Tensor]:
     """``<linear>::<task>::<gram_sum|count|cross_sum>`` for every accumulator."""
     out: dict[str, Tensor] = {}
+    seen: set[int] = set()
     for name, accs in stats.acc.items():
         for task, acc in accs.items():
             for key, value in acc.state_dict().items():
-                out[f"{name}::{task}::{key}"] = value
+                # a shared accumulator (q/k/v) is written once per linear: safetensors
+                # takes no two names for one tensor
+                out[f"{name}::{task}::{key}"] = value.clone() if id(acc) in seen else value
+            seen.add(id(acc))
     return out
 
 
