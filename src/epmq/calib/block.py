@@ -334,10 +334,7 @@ class BlockJob:
                 outcome.weights[f"{full}.bias"] = module.bias.detach().clone()
             result = solution.result
             if result is not None:
-                if _same_layout(result.weight, module.weight) and torch.equal(
-                    result.weight, module.weight.data
-                ):  # the model now holds these values: keep one copy, not two
-                    result.weight = module.weight.data
+                result.share_with(module.weight.data)
                 outcome.results[full] = result
             if self.keep_grams and stats is not None:
                 outcome.grams[f"{full}.weight"] = stats.grams(name)
@@ -359,7 +356,3 @@ class BlockJob:
             fold_input_scale(self.block, self.prefix, producer, s, outcome.weights, outcome.results)
             if reuse is not None:
                 reuse.forget(producer)
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device

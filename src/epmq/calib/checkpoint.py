@@ -124,10 +124,14 @@ class BlockCheckpoint:
         results: dict[str, QuantResult] = {}
         for name, info in json.loads(metadata.get("results", "{}")).items():
             grid = QuantGrid(info["bits"], info["group_size"], info["symmetric"])
+            weight = weights[name]
+            scales = tensors[f"{name}::scales"]
             results[name] = QuantResult(
-                weight=weights[name],
+                # the model's weight when it holds the result's values (a float32 model), as
+                # after the run that saved the block (QuantResult.share_with)
+                weight=weight if weight.dtype == scales.dtype else None,
                 codes=tensors[f"{name}::codes"],
-                scales=tensors[f"{name}::scales"],
+                scales=scales,
                 zeros=tensors[f"{name}::zeros"],
                 g_idx=tensors[f"{name}::g_idx"].to(torch.int32),
                 grid=grid,

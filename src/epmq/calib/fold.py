@@ -76,8 +76,7 @@ def fold_input_scale(
         result.scales = result.scales / s.to(result.scales)[:, None]
         result.weight = result.dequantize()
         weight.data.copy_(result.weight.to(weight.dtype))
-        if _same(result.weight, weight.data):
-            result.weight = weight.data  # one copy, as the block keeps its results
+        result.share_with(weight.data)  # one copy, as the block keeps its results
     else:
         shape = (-1,) + (1,) * (weight.dim() - 1)
         weight.data.copy_((weight.data.float() / s.view(shape).float()).to(weight.dtype))
@@ -86,10 +85,6 @@ def fold_input_scale(
     if isinstance(bias, Tensor):
         bias.data.copy_((bias.data.float() / s.float()).to(bias.dtype))
         weights[f"{full}.bias"] = bias.detach().clone()
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def search_input_scales(

@@ -18,7 +18,10 @@ class QuantResult:
 
     Attributes:
         weight: dequantized weight [out, in]; float32 (float64 when the solver ran in float64).
-            Always equal to :meth:`dequantize` (bit for bit).
+            Always equal to :meth:`dequantize` (bit for bit). ``None`` once the calibration
+            engine has written the layer into a model held in another dtype (bfloat16,
+            float16): keeping a float32 copy of every linear would hold twice the model in
+            memory; :meth:`dequantized` gives it back.
         codes: integer codes [out, in] in ``[0, grid.maxq]``; ``torch.uint8`` for bits <= 8,
             ``torch.int32`` above (see :meth:`QuantGrid.codes_dtype`). Convert before shifting.
         scales: [out, n_groups], same float dtype as ``weight``.
@@ -33,7 +36,7 @@ class QuantResult:
         seconds: wall time of the solve.
     """
 
-    weight: Tensor
+    weight: Tensor | None
     codes: Tensor
     scales: Tensor
     zeros: Tensor
@@ -47,6 +50,20 @@ class QuantResult:
     def dequantize(self) -> Tensor:
         """``scales[:, g_idx[j]] * (codes[:, j] - zeros[:, g_idx[j]])`` for every column j."""
         return dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx)
+
+    def share_with(self, weight: Tensor) -> None:
+        """Keep one copy of a solved linear: :attr:`weight` becomes the model's tensor
+        ``weight`` when that holds the same values; in a model of another dtype (bfloat16,
+        float16) it is dropped (:meth:`dequantized` recomputes it)."""
+        kept = self.weight
+        if kept is None or kept.dtype != weight.dtype:
+            self.weight = None
+        elif kept.shape == weight.shape and kept.device == weight.device and kept.equal(weight):
+            self.weight = weight
+
+    def dequantized(self) -> Tensor:
+        """The dequantized weight: the one kept, or :meth:`dequantize` when it was dropped."""
+        return self.weight if self.weight is not None else self.dequantize()
 
 
 def build_result(
