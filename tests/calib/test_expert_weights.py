@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from epmq.calib import EngineOptions, SafetensorsExpert, StateDictExpert, quantize_model
 from epmq.errors import EpmqError
+from epmq.merging import checkpoint
 from epmq.models.bert import BertAdapter
 from epmq.quant import QuantGrid
 
@@ -44,14 +45,23 @@ def test_nan_in_expert_is_named() -> None:
         expert.tensor("l.weight")
 
 
-def test_sharded_folder_reads_lazily(setup: Setup, tmp_path) -> None:
+def test_sharded_folder_reads_lazily(setup: Setup, tmp_path, monkeypatch) -> None:
     folder = tmp_path / "expert"
     save_sharded(setup.experts[0], folder, prefix="bert.")
     expert = SafetensorsExpert(folder)
     assert expert.name == "expert"
+    opened: list[str] = []
+    real_open = checkpoint.safe_open
+
+    def spy(path: str, **kwargs: object) -> object:
+        opened.append(Path(path).name)
+        return real_open(path, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", spy)
     name = "encoder.layer.1.output.dense.weight"
     assert torch.equal(expert.tensor(name), setup.experts[0][name])
-    assert len(expert._handles) == 1  # only the shard holding that tensor was opened
+    # only the shard holding that tensor was opened (and closed again after the copy)
+    assert opened == [expert._reader.file_of[f"bert.{name}"]]
 
 
 def test_run_from_folders_equals_run_from_state_dicts(setup: Setup, tmp_path) -> None:

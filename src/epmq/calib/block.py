@@ -116,6 +116,7 @@ class BlockJob:
                     group, calls, twins, expert_calls, propagate=False, states=states, reuse=reuse
                 )
                 self._solve(group, stats, states, outcome, reuse)
+                del stats  # not alive while the next group's are gathered
                 if reuse is not None:
                     reuse.mark_solved(group)
             if norms is not None:

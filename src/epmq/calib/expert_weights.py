@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from epmq.errors import EpmqError
+from epmq.merging.checkpoint import CheckpointReader
 
 
 class ExpertWeights:
@@ -111,9 +111,9 @@ class ExpertWeights:
         return value
 
     def close(self) -> None:
-        """Let go of what reading holds open (file mappings); reopened on demand. The engine
-        calls it after every block, so the pages of the blocks already read do not stay
-        mapped (and counted in the process's memory) for the rest of the run."""
+        """Let go of what reading holds open (a source that keeps files or mappings open);
+        reopened on demand. The engine calls it after every block. The built-in sources
+        hold nothing: :class:`SafetensorsExpert` opens and closes its file for each read."""
 
     def tensors(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The expert's values of every tensor in ``like`` (names of the merged model)."""
@@ -158,44 +158,26 @@ class SafetensorsExpert(ExpertWeights):
         folder = Path(folder)
         super().__init__(name or folder.name)
         self.folder = folder
-        self._bin: Any = None  # a CheckpointReader holding pickled .bin weights
-        self._key_to_file = self._index(folder)
-        self._handles: dict[Path, Any] = {}
+        self._reader = self._open(folder)
 
-    def _index(self, folder: Path) -> dict[str, Path]:
+    def _open(self, folder: Path) -> CheckpointReader:
         if not folder.is_dir():
             raise EpmqError(f"expert {self.name!r}: {folder} is not a folder")
-        from epmq.merging.checkpoint import CheckpointReader
-
         try:  # the index and every header checked (or the .bin weights loaded) once, up front
-            reader = CheckpointReader(folder)
+            return CheckpointReader(folder)
         except EpmqError as exc:
             raise EpmqError(f"expert {self.name!r}: {exc}") from None
-        if not reader.is_safetensors:  # pickled .bin weights (a head.safetensors is no model)
-            self._bin = reader
-        return {key: folder / file for key, file in reader.file_of.items()}
 
     def keys(self) -> Iterable[str]:
-        return self._key_to_file.keys()
+        return self._reader.file_of.keys()
 
     def _read(self, key: str) -> Tensor:
-        from safetensors import SafetensorError, safe_open
-
-        if self._bin is not None:
-            return self._bin.get(key)
-        file = self._key_to_file[key]
-        handle = self._handles.get(file)
+        # each tensor copied out of a file opened and closed again: no mapping keeps the
+        # pages of K experts' blocks in the process's memory beside the copies
         try:
-            if handle is None:
-                handle = safe_open(str(file), framework="pt")
-                self._handles[file] = handle
-            return handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:  # changed on disk since its header was read
-            raise EpmqError(f"expert {self.name!r}: {file}: cannot read {key!r} ({exc})") from None
-
-    def close(self) -> None:
-        """Drop the open file handles and their memory maps (reopened on demand)."""
-        self._handles.clear()
+            return self._reader.get(key)
+        except EpmqError as exc:  # changed on disk since its header was read
+            raise EpmqError(f"expert {self.name!r}: cannot read {key!r}: {exc}") from None
 
 
 def loading_renamer(model: nn.Module) -> Callable[[str], str] | None:
