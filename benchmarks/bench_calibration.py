@@ -18,8 +18,6 @@ Wall times depend on CPU load: on a shared machine, compare CPU times and ratios
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -153,20 +151,14 @@ def reset_peak_rss() -> bool:
     return status_bytes("VmHWM") is not None
 
 
-def release_freed_memory() -> None:
-    """Hand the memory earlier runs freed back to the OS (glibc ``malloc_trim``): else a run
-    reuses it without raising RSS, and its growth above the start understates what it held
-    (every run after the first in a process read low before this)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def start_peaks(cuda: bool) -> tuple[int | None, bool]:
     """Reset the peak counters before a run: (RSS now, whether VmHWM could be reset)."""
     import torch
 
+    from epmq.devices import release_freed_memory
+
     gc.collect()
-    release_freed_memory()
+    release_freed_memory()  # else a run reuses what earlier ones freed and reads low
     rss_start = status_bytes("VmRSS")
     reset = reset_peak_rss()  # VmHWM from here on: the run's own peak
     if cuda:

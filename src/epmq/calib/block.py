@@ -27,6 +27,7 @@ from epmq.calib.solve import SolveOptions, solve_layer
 from epmq.calib.statistics import FoldedStatistics, LinearInputs, TaskStatistics
 from epmq.calib.stats_cache import StatsCache
 from epmq.calib.targets import block_targets
+from epmq.devices import release_freed_memory
 from epmq.models.adapter import BlockAdapter, Stage
 from epmq.quant import QuantResult
 
@@ -117,6 +118,7 @@ class BlockJob:
                 )
                 self._solve(group, stats, states, outcome, reuse)
                 del stats  # not alive while the next group's are gathered
+                release_freed_memory()
                 if reuse is not None:
                     reuse.mark_solved(group)
             if norms is not None:

@@ -44,6 +44,7 @@ from epmq.calib.onload import Placement
 from epmq.calib.records import LayerRecord
 from epmq.calib.solve import SolveOptions
 from epmq.calib.stats_cache import StatsCache
+from epmq.devices import release_freed_memory
 from epmq.errors import EpmqError
 from epmq.models.adapter import Batch, BlockAdapter, Stage
 from epmq.quant import QuantGrid, QuantResult
@@ -248,6 +249,7 @@ def quantize_model(
                         checkpoint.save(stage.name, index, weights, results, records)
                 for expert in expert_list or ():
                     expert.close()  # this block's tensors are read: unmap its files
+                release_freed_memory()
                 run.results.update(results)
                 run.layers.extend(records)
                 bar.update(1)
