@@ -248,7 +248,7 @@ def quantize_model(
                     if checkpoint is not None:
                         checkpoint.save(stage.name, index, weights, results, records)
                 for expert in expert_list or ():
-                    expert.close()  # this block's tensors are read: unmap its files
+                    expert.close()  # this block's tensors are read: a source may let go
                 release_freed_memory()
                 run.results.update(results)
                 run.layers.extend(records)
