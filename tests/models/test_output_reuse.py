@@ -64,6 +64,15 @@ def _wrapped(*linears: torch.nn.Linear) -> torch.nn.Sequential:
     return torch.nn.Sequential(*(torch.nn.Sequential(linear) for linear in linears))
 
 
+def _first_pass(block: torch.nn.Sequential, x: torch.Tensor) -> tuple[FinalOutputs, torch.Tensor]:
+    """One recorded pass of task "t", batch 0 through ``block`` with its "0.0" solved."""
+    reuse = FinalOutputs(block)
+    reuse.mark_solved(["0.0"])
+    with reuse.pass_(), reuse.call("t", 0, x):
+        out = block(x)
+    return reuse, out
+
+
 def test_outputs_larger_than_the_hidden_states_are_not_kept() -> None:
     block = _wrapped(torch.nn.Linear(4, 16), torch.nn.Linear(16, 4))
     reuse = FinalOutputs(block)
@@ -73,10 +82,7 @@ def test_outputs_larger_than_the_hidden_states_are_not_kept() -> None:
         block(x)
     assert reuse.served == {}  # "0" outputs 3 x 16 > 3 x 4 elements
     small = _wrapped(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-    reuse = FinalOutputs(small)
-    reuse.mark_solved(["0.0"])
-    with reuse.pass_(), reuse.call("t", 0, x):
-        first = small(x)
+    reuse, first = _first_pass(small, x)
     assert set(reuse.served) == {"0"}
     with torch.no_grad():
         small[0][0].weight.zero_()  # a served module is not run again ...
@@ -87,11 +93,8 @@ def test_outputs_larger_than_the_hidden_states_are_not_kept() -> None:
 
 def test_the_last_pass_records_nothing_and_hands_its_copies_over() -> None:
     block = _wrapped(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-    reuse = FinalOutputs(block)
-    reuse.mark_solved(["0.0"])
     x = torch.randn(3, 4)
-    with reuse.pass_(), reuse.call("t", 0, x):
-        first = block(x)
+    reuse, first = _first_pass(block, x)
     kept = reuse.served["0"][("t", 0)]
     reuse.mark_solved(["1.0"])  # "1" would be recorded by another pass
     with reuse.pass_(last=True), reuse.call("t", 0, x):

@@ -247,8 +247,6 @@ def quantize_model(
                     run.grams.update(outcome.grams)
                     if checkpoint is not None:
                         checkpoint.save(stage.name, index, weights, results, records)
-                for expert in expert_list or ():
-                    expert.close()  # this block's tensors are read: a source may let go
                 release_freed_memory()
                 run.results.update(results)
                 run.layers.extend(records)

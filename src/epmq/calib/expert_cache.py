@@ -69,9 +69,6 @@ class CachedExpert(ExpertWeights):
     def _read(self, key: str) -> Tensor:
         return self.source._read(key)
 
-    def close(self) -> None:
-        self.source.close()
-
     def host_tensor(self, name: str, like: Tensor | None = None) -> Tensor:
         """:meth:`ExpertWeights.host_tensor` of the source, read once per name, dtype and
         shape (kept in CPU memory whatever device it is served to)."""

@@ -110,11 +110,6 @@ class ExpertWeights:
             raise EpmqError(f"expert {self.name!r}: tensor {name!r} holds NaN or Inf")
         return value
 
-    def close(self) -> None:
-        """Let go of what reading holds open (a source that keeps files or mappings open);
-        reopened on demand. The engine calls it after every block. The built-in sources
-        hold nothing: :class:`SafetensorsExpert` opens and closes its file for each read."""
-
     def tensors(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The expert's values of every tensor in ``like`` (names of the merged model)."""
         return {name: self.tensor(name, ref) for name, ref in like.items()}
